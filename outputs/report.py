@@ -1,0 +1,267 @@
+"""report.html: one self-contained page with a site's results, for people to read.
+
+The page needs nothing but itself: CSS is inline and figures are embedded as base64 PNG, so
+it can be mailed or opened from the output folder offline. The same figures are also written
+next to it as PNG files (rounds.png, fp32_vs_int8.png, confusion_matrix.png).
+"""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+
+from outputs.plots import plot_confusion_matrix, plot_fp32_vs_int8, plot_rounds
+
+REPORT_FILE = "report.html"
+ROUNDS_FIGURE = "rounds.png"
+FP32_VS_INT8_FIGURE = "fp32_vs_int8.png"
+CONFUSION_MATRIX_FIGURE = "confusion_matrix.png"
+MISSING = "n/a"
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; background: #fff; padding: 0 1em; }
+h1 { font-size: 1.6em; border-bottom: 3px solid #1f77b4; padding-bottom: .3em; }
+h2 { font-size: 1.25em; margin-top: 2em; color: #1f4e79; }
+table { border-collapse: collapse; margin: .5em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: .3em .7em; text-align: right; }
+th { background: #eef3f8; }
+th[colspan] { text-align: center; }
+th.row-label, td.row-label { text-align: left; }
+.summary td { text-align: left; }
+p.caption { color: #555; font-size: .92em; max-width: 900px; }
+img { max-width: 100%; border: 1px solid #eee; }
+pre { background: #f6f8fa; border: 1px solid #ddd; padding: 1em; overflow-x: auto; }
+table.confusion td { min-width: 2.5em; text-align: center; }
+"""
+
+
+def confusion_matrix(y_true, y_pred) -> tuple[list[int], np.ndarray]:
+    """(class labels, counts) with counts[i, j] = samples of class labels[i] predicted as labels[j].
+
+    The labels are every class that occurs in y_true or y_pred, sorted.
+    """
+    y_true = np.asarray(y_true).ravel().astype(int)
+    y_pred = np.asarray(y_pred).ravel().astype(int)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"confusion_matrix: y_true has {y_true.size} labels but y_pred has "
+                         f"{y_pred.size} predictions")
+    labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    index_of = {label: index for index, label in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=int)
+    for true_label, predicted_label in zip(y_true.tolist(), y_pred.tolist()):
+        counts[index_of[true_label], index_of[predicted_label]] += 1
+    return labels, counts
+
+
+def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: str) -> Path:
+    """Write report.html and its three PNG figures into output_dir; return the report's path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    labels, counts = confusion_matrix(y_true, y_pred_int8)
+    rounds_png = plot_rounds(metrics, output_dir / ROUNDS_FIGURE)
+    comparison_png = plot_fp32_vs_int8(metrics, output_dir / FP32_VS_INT8_FIGURE)
+    plot_confusion_matrix(counts, labels, output_dir / CONFUSION_MATRIX_FIGURE)
+    sections = [
+        _summary_section(metrics),
+        _comparison_section(metrics, comparison_png),
+        _rounds_section(metrics, rounds_png),
+        _confusion_section(labels, counts),
+        _config_section(config_text),
+    ]
+    page = _page(f"Federated training report: site {_site_id(metrics)}", sections)
+    report_path = output_dir / REPORT_FILE
+    report_path.write_text(page, encoding="utf-8")
+    return report_path
+
+
+# ---- sections ---------------------------------------------------------------------------
+
+def _summary_section(metrics):
+    site = metrics.get("site") or {}
+    federation = metrics.get("federation") or {}
+    role = "coordinator" if site.get("coordinator") else "participant"
+    rows = [
+        ("Site", f"{_site_id(metrics)} ({role})"),
+        ("Quantization", f"{metrics.get('quant_type', MISSING)} "
+                         f"({metrics.get('quantization_mode', MISSING)} mode, "
+                         f"{metrics.get('backend', MISSING)} backend)"),
+        ("This site's samples", f"{_count(metrics.get('n_train'))} train, "
+                                f"{_count(metrics.get('n_test'))} test"),
+        ("Federation", f"{_count(federation.get('n_sites'))} sites, "
+                       f"{_count(federation.get('n_train'))} train, "
+                       f"{_count(federation.get('n_test'))} test samples"),
+        ("Rounds", _count(len(metrics.get("rounds") or []))),
+    ]
+    body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"
+                   for name, value in rows)
+    return f"<h2>Run</h2><table class='summary' id='summary'>{body}</table>"
+
+
+def _comparison_section(metrics, figure_path):
+    federation = metrics.get("federation") or {}
+    return "".join([
+        "<h2>fp32 model vs int8 model</h2>",
+        "<h3>This site</h3>",
+        _comparison_table("site-fp32-int8", metrics.get("fp32") or {}, metrics.get("int8") or {}),
+        "<p class='caption'>Both models are the same federated model: int8 is the quantized "
+        "copy every site takes home. The last column shows what quantization cost or gained "
+        "on this site's test set: accuracy change in percentage points, how many times "
+        "smaller the saved file is and how many times faster one batch runs.</p>",
+        "<h3>Federation (all sites' test sets together)</h3>",
+        _comparison_table("federation-fp32-int8", federation.get("fp32") or {},
+                          federation.get("int8") or {}),
+        "<p class='caption'>Accuracy and loss over every site's test samples, weighted by "
+        "each site's test-set size: the figures for the federation as a whole.</p>",
+        _figure(figure_path, "fp32 vs int8 bar charts"),
+        "<p class='caption'>Grey bars are the fp32 model, green bars the int8 model, on this "
+        "site: accuracy should be nearly equal while size (and usually latency) drop.</p>",
+    ])
+
+
+def _comparison_table(table_id, fp32, int8):
+    head = ("<tr><th class='row-label'>Metric</th><th>fp32</th><th>int8</th>"
+            "<th>int8 vs fp32</th></tr>")
+    rows = []
+    for key, label, show, compare in _COMPARED_METRICS:
+        if fp32.get(key) is None and int8.get(key) is None:
+            continue  # e.g. the federation reports no size or latency
+        rows.append(f"<tr><td class='row-label'>{label}</td><td>{show(fp32.get(key))}</td>"
+                    f"<td>{show(int8.get(key))}</td>"
+                    f"<td>{compare(fp32.get(key), int8.get(key))}</td></tr>")
+    return f"<table id='{table_id}'>{head}{''.join(rows)}</table>"
+
+
+def _rounds_section(metrics, figure_path):
+    site_rows = {row["round"]: row for row in metrics.get("rounds") or []}
+    federation_rows = {row["round"]: row
+                       for row in (metrics.get("federation") or {}).get("rounds") or []}
+    columns = (("train_loss", "train loss", _loss), ("train_accuracy", "train acc.", _percent),
+               ("test_loss", "test loss", _loss), ("test_accuracy", "test acc.", _percent))
+    group_head = (f"<tr><th rowspan='2'>Round</th><th colspan='{len(columns)}'>This site</th>"
+                  f"<th colspan='{len(columns)}'>Federation</th></tr>")
+    column_head = "<tr>" + "".join(f"<th>{name}</th>" for _, name, _ in columns) * 2 + "</tr>"
+    body = []
+    for round_number in sorted(set(site_rows) | set(federation_rows)):
+        cells = [f"<td>{round_number}</td>"]
+        for rows in (site_rows, federation_rows):
+            row = rows.get(round_number, {})
+            cells += [f"<td>{show(row.get(key))}</td>" for key, _, show in columns]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join([
+        "<h2>Training rounds</h2>",
+        _figure(figure_path, "test accuracy and loss per round"),
+        "<p class='caption'>Test accuracy and loss of the global (averaged) model after each "
+        "round, on this site's test set (blue) and over all sites (orange). Curves that level "
+        "off mean more rounds would add little.</p>",
+        f"<table id='rounds'>{group_head}{column_head}{''.join(body)}</table>",
+        "<p class='caption'>Train figures are measured during local training in that round; "
+        "test figures are those of the global model that the round produced "
+        f"({MISSING}: not measured).</p>",
+    ])
+
+
+def _confusion_section(labels, counts):
+    largest = counts.max() if counts.size else 0
+    head = ("<tr><th>true \\ predicted</th>"
+            + "".join(f"<th>{_text(label)}</th>" for label in labels) + "</tr>")
+    body = []
+    for label, row in zip(labels, counts):
+        cells = "".join(_heat_cell(int(count), largest) for count in row)
+        body.append(f"<tr><th>{_text(label)}</th>{cells}</tr>")
+    correct, total = int(np.trace(counts)), int(counts.sum())
+    accuracy = f"{100 * correct / total:.2f} %" if total else MISSING
+    return "".join([
+        "<h2>Confusion matrix of the int8 model (this site's test set)</h2>",
+        f"<table class='confusion' id='confusion-matrix'>{head}{''.join(body)}</table>",
+        f"<p class='caption'>Row: the true class; column: the class the int8 model predicted. "
+        f"The diagonal holds the correct predictions ({correct} of {total}, {accuracy}); a "
+        f"dark cell off the diagonal is a pair of classes the model confuses.</p>",
+    ])
+
+
+def _config_section(config_text):
+    return ("<h2>Configuration</h2>"
+            f"<pre id='config'>{html.escape(config_text or '')}</pre>"
+            "<p class='caption'>The config.yml this run was started with.</p>")
+
+
+# ---- html pieces ------------------------------------------------------------------------
+
+def _page(title, sections):
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{_text(title)}</title><style>{STYLE}</style></head>"
+            f"<body><h1>{_text(title)}</h1>{''.join(sections)}</body></html>\n")
+
+
+def _figure(path, description):
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"<img src='data:image/png;base64,{encoded}' alt='{_text(description)}'>"
+
+
+def _heat_cell(count, largest):
+    # Blue with opacity proportional to the count; white text once the cell gets dark.
+    strength = count / largest if largest else 0.0
+    text_color = "#fff" if strength > 0.55 else "#222"
+    return (f"<td style='background: rgba(31, 119, 180, {strength:.3f}); "
+            f"color: {text_color}'>{count}</td>")
+
+
+def _text(value):
+    return html.escape(str(value))
+
+
+def _site_id(metrics):
+    return (metrics.get("site") or {}).get("id", "unknown")
+
+
+# ---- number formats (one per kind of value) -----------------------------------------------
+
+def _count(value):
+    return MISSING if value is None else str(value)
+
+
+def _percent(fraction):
+    return MISSING if fraction is None else f"{100 * fraction:.2f} %"
+
+
+def _loss(value):
+    return MISSING if value is None else f"{value:.4f}"
+
+
+def _kilobytes(size_bytes):
+    return MISSING if size_bytes is None else f"{size_bytes / 1024:.1f} KB"
+
+
+def _milliseconds(value):
+    return MISSING if value is None else f"{value:.2f} ms"
+
+
+def _point_change(fp32, int8):
+    return MISSING if None in (fp32, int8) else f"{100 * (int8 - fp32):+.2f} pp"
+
+
+def _difference(fp32, int8):
+    return MISSING if None in (fp32, int8) else f"{int8 - fp32:+.4f}"
+
+
+def _times(smaller_word, larger_word):
+    """A comparison saying how many times smaller (or larger) int8 is than fp32."""
+    def compare(fp32, int8):
+        if None in (fp32, int8) or fp32 <= 0 or int8 <= 0:
+            return MISSING
+        if fp32 >= int8:
+            return f"{fp32 / int8:.2f}× {smaller_word}"
+        return f"{int8 / fp32:.2f}× {larger_word}"
+    return compare
+
+
+# (metrics key, row label, how to show one value, how to compare fp32 with int8)
+_COMPARED_METRICS = (
+    ("accuracy", "Accuracy", _percent, _point_change),
+    ("loss", "Loss", _loss, _difference),
+    ("size_bytes", "Size", _kilobytes, _times("smaller", "larger")),
+    ("latency_ms", "Latency", _milliseconds, _times("faster", "slower")),
+)
