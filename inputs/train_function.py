@@ -1,0 +1,44 @@
+"""An optional user file with `train(model, train_loader, epochs, learning_rate)` that replaces
+the default training loop (training/loop.py shows the template)."""
+import inspect
+
+from inputs.errors import InputError
+from inputs.model_file import import_python_file
+
+REQUIRED_ARGUMENTS = ("model", "train_loader", "epochs", "learning_rate")
+
+
+def load_train_function(path, key="train_function"):
+    """Import the file and return its `train`, checked to accept the four required arguments."""
+    module = import_python_file(path, key)
+    if not hasattr(module, "train"):
+        raise InputError(path, "defines no function 'train(model, train_loader, epochs, learning_rate)'",
+                         key=key)
+    function = module.train
+    if not callable(function):
+        raise InputError(path, f"'train' is a {type(function).__name__}, not a function", key=key)
+    try:
+        inspect.signature(function).bind(*REQUIRED_ARGUMENTS)
+    except TypeError as error:
+        raise InputError(path, f"train must accept ({', '.join(REQUIRED_ARGUMENTS)}): {error}", key=key) from None
+    except ValueError:
+        pass  # no readable signature (a builtin): trust it
+    return function
+
+
+def call_train_function(fn, model, train_loader, epochs, learning_rate, **extras):
+    """Call `fn` with the four required arguments, plus each extra keyword (optimizer=, device=)
+    that its signature names or that its **kwargs can take; returns what `fn` returns."""
+    return fn(model, train_loader, epochs, learning_rate, **_accepted(fn, extras))
+
+
+def _accepted(fn, extras):
+    try:
+        parameters = inspect.signature(fn).parameters
+    except ValueError:
+        return {}  # no readable signature: pass only what every train function takes
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return extras
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: value for name, value in extras.items()
+            if name in parameters and parameters[name].kind in keyword_kinds}

@@ -1,0 +1,99 @@
+"""The default training function (also the template for your own) and evaluation.
+
+Writing your own training function
+----------------------------------
+Put a file next to your config.yml, e.g. `my_train.py`, and set `train_function: my_train.py`.
+It must define
+
+    def train(model, train_loader, epochs, learning_rate): ...
+
+and may also accept `optimizer=None` (the app then passes one optimizer per site that lives
+across rounds, so Adam's moments are not reset every round) and `device="cpu"`. Copy `train`
+below as a starting point. Two rules:
+
+* Call the model through `forward_quant(model, inputs)`, not `model(inputs)`: with
+  `quant_type: qat` the model is prepared for quantization-aware training, and `forward_quant`
+  is what feeds it correctly. For a float model it is the same as `model(inputs)`.
+* Train `model` in place. Returning `{"loss": ..., "accuracy": ...}` is optional; the app
+  records it in the metrics when you do.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu") -> dict:
+    """Train `model` in place for `epochs` passes over `train_loader` with Adam and cross-entropy.
+
+    Returns {"loss": mean loss per sample in the last epoch, "accuracy": its training accuracy}.
+    """
+    # Imported here, not at the top: quant/ may itself use this module.
+    from quant import forward_quant
+
+    if epochs < 1:
+        raise ValueError(f"train: epochs must be >= 1, got {epochs}")
+    model.to(device)
+    model.train()  # dropout and batch-norm in training behaviour
+    if optimizer is None:
+        # A fresh optimizer per call. The app passes its own to keep Adam's state across rounds.
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loss_function = nn.CrossEntropyLoss()
+
+    for _ in range(epochs):
+        # Per-epoch totals; only the last epoch's are returned.
+        loss_sum, correct, seen = 0.0, 0, 0
+        for inputs, labels in train_loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            logits = forward_quant(model, inputs)  # not model(inputs): see the module docstring
+            loss = loss_function(logits, labels)
+            loss.backward()
+            optimizer.step()
+            # Weight each batch by its size: the last batch is usually smaller.
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            seen += len(labels)
+
+    if seen == 0:
+        raise ValueError("train: the train loader yielded no samples")
+    return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+@dataclass
+class Evaluation:
+    loss: float            # mean cross-entropy per sample
+    accuracy: float        # fraction of correct predictions
+    n: int                 # number of samples
+    y_true: torch.Tensor   # int64 [n], the labels in loader order
+    y_pred: torch.Tensor   # int64 [n], argmax of the model's outputs
+
+
+@torch.no_grad()
+def evaluate(model, loader, device="cpu") -> Evaluation:
+    """Evaluate a float or int8 model on every sample of `loader`.
+
+    The model's train/eval mode is restored afterwards, so evaluating between training rounds
+    does not change how the next round trains.
+    """
+    from quant import forward_quant  # see train()
+
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, true_batches, pred_batches = 0.0, [], []
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = forward_quant(model, inputs).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            true_batches.append(labels.long().cpu())
+            pred_batches.append(logits.argmax(dim=1).cpu())
+    finally:
+        model.train(was_training)
+
+    if not true_batches:
+        raise ValueError("evaluate: the loader yielded no samples")
+    y_true, y_pred = torch.cat(true_batches), torch.cat(pred_batches)
+    n = len(y_true)
+    return Evaluation(loss=loss_sum / n, accuracy=(y_true == y_pred).float().mean().item(),
+                      n=n, y_true=y_true, y_pred=y_pred)
