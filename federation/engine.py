@@ -1,0 +1,65 @@
+"""The thin wrapper over FeatureCloud's engine (FeatureCloud.app.engine.app).
+
+We use the engine as it is (states, transitions, the controller API, send/broadcast with
+memos) and change it in three places only, each because it falls short:
+
+1. Serialization. The engine pickles what it sends and calls `pickle.loads` on every payload
+   that arrives: a malicious peer or relay could run code on this site. We replace its two
+   serialization hooks so that payloads are plain bytes both ways (our states send only
+   `federation.payload` bytes and decode what arrives with `federation.payload.decode`, which
+   executes nothing). The JSON path (SMPC/DP, `json.loads`) is safe and stays as it is.
+2. Receiving. The engine's `gather_data`/`await_data` drop the id of the sending site; we need
+   it to name a site whose update is bad, so `receive` reads the engine's incoming queue itself.
+3. Sleeps. The engine's waits are module constants tuned for the real controller; local runs
+   (the testbed) shorten them. Production defaults stay as they are.
+"""
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import FeatureCloud.app.engine.app as fc_engine
+
+_FAST_WAITS = {"DATA_POLL_INTERVAL": 0.02, "TRANSITION_WAIT": 0.02, "TERMINAL_WAIT": 1.0}
+
+
+def _serialize_outgoing(data, is_json=False):
+    if is_json:
+        return json.dumps(data, cls=fc_engine._NumpyArrayEncoder)
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"only encoded payloads (bytes) may be sent, got {type(data).__name__}")
+    return bytes(data)
+
+
+def _deserialize_incoming(data, is_json=False):
+    return json.loads(data) if is_json else data
+
+
+def install(fast=False):
+    """Make the engine pickle-free; with `fast`, shorten its sleeps for local runs."""
+    fc_engine._serialize_outgoing = _serialize_outgoing
+    fc_engine._deserialize_incoming = _deserialize_incoming
+    if fast:
+        for name, seconds in _FAST_WAITS.items():
+            setattr(fc_engine, name, seconds)
+
+
+@dataclass(frozen=True)
+class Received:
+    sender: str
+    data: bytes
+
+
+def receive(state, memo, n):
+    """Wait for `n` payloads sent under `memo`; return them ordered by the senders' position in
+    the client list, so that every run combines them in the same order."""
+    app = state._app
+    key = urllib.parse.quote(memo)  # the controller delivers memos URL-quoted
+    while len(app.data_incoming.get(key, [])) < n:
+        time.sleep(fc_engine.DATA_POLL_INTERVAL)
+    pieces = app.data_incoming.pop(key)
+    if len(pieces) > n:
+        raise RuntimeError(f"expected {n} payloads under memo '{memo}', got {len(pieces)}")
+    order = {client: index for index, client in enumerate(app.clients)}
+    received = [Received(sender=client, data=data) for data, client in pieces]
+    return sorted(received, key=lambda piece: order.get(piece.sender, len(order)))

@@ -1,0 +1,169 @@
+"""One site's model, data and figures across a run: the local work the states call.
+
+Plain PyTorch: the states decide who talks to whom; this class loads and checks the inputs,
+trains a round, evaluates, and prepares, calibrates and converts the model to int8.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import quant
+from federation.aggregate import join, split
+from inputs.config import load_config
+from inputs.datasets import describe_dataset, load_dataset
+from inputs.errors import InputError
+from inputs.model_file import check_model_on_data, load_model
+from inputs.train_function import call_train_function, load_train_function
+from training import evaluate, make_loader, seed_everything, train
+
+
+@dataclass
+class Site:
+    input_dir: Path
+    config: object
+    model: torch.nn.Module
+    train_loader: object
+    test_loader: object
+    train_info: object
+    test_info: object
+    train_function: object
+    round: int = 0
+    rounds: list = field(default_factory=list)             # this site's figures per round
+    federation_rounds: list = field(default_factory=list)  # coordinator: federation-wide figures
+    prepared: torch.nn.Module = None  # the model with observers (PTQ) or fake quantization (QAT)
+    int8_model: torch.nn.Module = None
+    predictions: dict = field(default_factory=dict)
+
+    # ---- inputs -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, input_dir):
+        """Read and check everything this site was given; InputError names what is wrong."""
+        input_dir = Path(input_dir)
+        config = load_config(input_dir)
+        seed_everything(config.seed)
+        train_path, test_path = input_dir / config.train_dataset, input_dir / config.test_dataset
+        train_set = load_dataset(train_path, "train_dataset")
+        test_set = load_dataset(test_path, "test_dataset")
+        train_info = describe_dataset(train_set, train_path, "train_dataset")
+        test_info = describe_dataset(test_set, test_path, "test_dataset")
+        if train_info.input_shape != test_info.input_shape:
+            raise InputError(test_path, f"inputs have shape {test_info.input_shape}, the train "
+                             f"set's have {train_info.input_shape}", key="test_dataset")
+        model = load_model(input_dir / config.model, config.model_class, config.model_kwargs)
+        train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+        test_loader = make_loader(test_set, config.batch_size, shuffle=False)
+        n_classes = max(train_info.n_classes, test_info.n_classes)
+        check_model_on_data(model, next(iter(train_loader))[0], n_classes, input_dir / config.model)
+        train_function = train
+        if config.train_function:
+            train_function = load_train_function(input_dir / config.train_function)
+        return cls(input_dir, config, model, train_loader, test_loader, train_info, test_info,
+                   train_function)
+
+    @property
+    def n_train(self):
+        return self.train_info.n
+
+    def summary(self):
+        """What the coordinator needs to check that the sites fit together."""
+        return {"n_train": self.train_info.n, "n_test": self.test_info.n,
+                "input_shape": list(self.train_info.input_shape),
+                "n_classes": max(self.train_info.n_classes, self.test_info.n_classes)}
+
+    @property
+    def example_inputs(self):
+        return (next(iter(self.test_loader))[0][:1],)
+
+    # ---- federated training -------------------------------------------------------------
+    @property
+    def is_qat(self):
+        return self.config.quant_type == "qat"
+
+    @property
+    def trained_model(self):
+        """The model the rounds train: the float model, or its fake-quantized version (QAT)."""
+        return self.prepared if self.prepared is not None else self.model
+
+    def start_round(self):
+        """Advance to the next round; switch to / freeze QAT as the schedule says."""
+        self.round += 1
+        if self.is_qat:
+            first, freeze_bn, freeze_observers = self.config.qat_schedule()
+            if self.round == first:
+                self.prepared = quant.prepare_qat(self.model, self.example_inputs, self.config.backend)
+            if self.round >= first:
+                quant.freeze_qat(self.prepared, observers=self.round >= freeze_observers,
+                                 batchnorm=self.round >= freeze_bn)
+        return self.round
+
+    def update_tensors(self):
+        """What this site contributes to averaging: weights (+ observer statistics under QAT)."""
+        observer_stats = quant.observer_stats(self.prepared) if self.prepared is not None else {}
+        return join(quant.float_state(self.trained_model), observer_stats)
+
+    def load_global(self, tensors):
+        weights, observer_stats = split(tensors)
+        quant.load_float_state(self.trained_model, weights)
+        if observer_stats:
+            quant.load_observer_stats(self.prepared, observer_stats)
+
+    def train_round(self):
+        """Train the global model on this site's data; return loss/accuracy on the train set."""
+        call_train_function(self.train_function, self.trained_model, self.train_loader,
+                            self.config.epochs, self.config.learning_rate)
+        # Measured the same way for the app's own loop and for custom train functions.
+        result = evaluate(self.trained_model, self.train_loader)
+        row = {"round": self.round, "train_loss": result.loss, "train_accuracy": result.accuracy,
+               "test_loss": None, "test_accuracy": None}
+        self.rounds.append(row)
+        return {"train_loss": result.loss, "train_accuracy": result.accuracy}
+
+    def evaluate_global(self):
+        """Evaluate the just-received global model on this site's test set."""
+        result = evaluate(self.trained_model, self.test_loader)
+        self.rounds[-1].update(test_loss=result.loss, test_accuracy=result.accuracy)
+        return {"test_loss": result.loss, "test_accuracy": result.accuracy,
+                "n_test": self.test_info.n}
+
+    # ---- quantization -------------------------------------------------------------------
+    def calibration_stats(self):
+        """post_static: observers run on this site's train data; QAT: observers already merged."""
+        if self.is_qat:
+            return {}
+        self.prepared = quant.prepare_ptq(self.model, self.example_inputs, self.config.backend)
+        batches = (inputs for inputs, _ in self.train_loader)
+        quant.calibrate(self.prepared, batches, self.config.calibration_batches)
+        return quant.observer_stats(self.prepared)
+
+    @staticmethod
+    def merge_calibration(stats_per_site):
+        return quant.merge_observer_stats(stats_per_site) if stats_per_site[0] else {}
+
+    def convert(self, merged_stats):
+        """Convert to int8 with the federation's quantization parameters."""
+        if merged_stats:
+            quant.load_observer_stats(self.prepared, merged_stats)
+        quant.set_engine(self.config.backend)
+        self.int8_model = quant.convert(self.prepared)
+        return self.int8_model
+
+    @property
+    def float_model(self):
+        """The final global model in the user's class (QAT: its trained float weights)."""
+        if self.is_qat:
+            return quant.to_float_model(self.prepared, self.model)
+        return self.model
+
+    def final_results(self):
+        """fp32 vs int8 on this site's test set: accuracy, loss, size, latency."""
+        batch = next(iter(self.test_loader))[0]
+        figures = {"n_train": self.train_info.n, "n_test": self.test_info.n}
+        for precision, model in (("fp32", self.float_model), ("int8", self.int8_model)):
+            result = evaluate(model, self.test_loader)
+            self.predictions[precision] = result.y_pred
+            self.predictions["true"] = result.y_true
+            figures[precision] = {"accuracy": result.accuracy, "loss": result.loss,
+                                  "size_bytes": quant.state_dict_size_bytes(model),
+                                  "latency_ms": quant.latency_ms(model, batch)}
+        return figures

@@ -1,0 +1,42 @@
+"""Federation-wide figures the coordinator computes from what the sites report (plain data)."""
+
+
+class SiteMismatchError(ValueError):
+    """The sites' data do not fit together; names the site that differs."""
+
+
+def check_sites_fit(summaries):
+    """`summaries`: [(sender, {input_shape, n_classes, ...})], the coordinator's first."""
+    reference_sender, reference = summaries[0]
+    for sender, summary in summaries[1:]:
+        if summary["input_shape"] != reference["input_shape"]:
+            raise SiteMismatchError(
+                f"site {sender}'s inputs have shape {tuple(summary['input_shape'])}, but site "
+                f"{reference_sender}'s (the coordinator's) have {tuple(reference['input_shape'])}")
+
+
+def weighted_mean(reports, key, weight_key):
+    """Mean of `key` over the reports, weighted by `weight_key` (e.g. n_test)."""
+    total = sum(report[weight_key] for report in reports)
+    return sum(report[key] * report[weight_key] for report in reports) / total
+
+
+def federation_round(round_number, updates, tests):
+    """One row of the federation-wide table: train figures weighted by n_train, test by n_test."""
+    return {"round": round_number,
+            "train_loss": weighted_mean(updates, "train_loss", "n_train"),
+            "train_accuracy": weighted_mean(updates, "train_accuracy", "n_train"),
+            "test_loss": weighted_mean(tests, "test_loss", "n_test"),
+            "test_accuracy": weighted_mean(tests, "test_accuracy", "n_test")}
+
+
+def federation_results(reports):
+    """fp32 and int8 figures over all sites' test sets; `reports` are the sites' results."""
+    figures = {"n_sites": len(reports),
+               "n_train": sum(report["n_train"] for report in reports),
+               "n_test": sum(report["n_test"] for report in reports)}
+    for precision in ("fp32", "int8"):
+        per_site = [{**report[precision], "n_test": report["n_test"]} for report in reports]
+        figures[precision] = {"accuracy": weighted_mean(per_site, "accuracy", "n_test"),
+                              "loss": weighted_mean(per_site, "loss", "n_test")}
+    return figures

@@ -1,0 +1,141 @@
+"""config.yml: read, validate, fill defaults. Nothing is trained before this has passed.
+
+Two layouts are accepted: the seed's flat keys, or the same keys under a top-level
+`fc_quantization:` key (FeatureCloud convention; other top-level keys then belong to
+other apps of a workflow and are ignored).
+"""
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from inputs.errors import InputError
+
+CONFIG_FILE = "config.yml"
+APP_KEY = "fc_quantization"
+
+BACKENDS = ("fbgemm", "qnnpack", "x86")
+QUANT_TYPES = ("post_static", "qat")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    # The seed's keys (a public contract).
+    model: str
+    train_dataset: str
+    test_dataset: str
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    epochs: int = 1
+    max_iter: int = 5
+    backend: str = "x86"
+    quant_type: str = "post_static"
+    # Our additions.
+    model_class: str = "Model"
+    model_kwargs: dict = field(default_factory=dict)
+    seed: int = 42
+    calibration_batches: int = 32
+    train_function: str | None = None
+    # Quantization-aware training (quant_type: qat): rounds of float training before the
+    # fake-quantized ones, and the rounds from which BatchNorm statistics and observers are
+    # frozen (None: PyTorch's recipe, see `qat_schedule`).
+    qat_warmup_rounds: int = 0
+    qat_freeze_bn_round: int | None = None
+    qat_freeze_observers_round: int | None = None
+
+    def qat_schedule(self):
+        """(first QAT round, BatchNorm freeze round, observer freeze round).
+
+        Like torchvision's recipe: BatchNorm statistics freeze one round before the observers,
+        and the observers freeze for the last round, when there are enough QAT rounds for it.
+        """
+        first = self.qat_warmup_rounds + 1
+        qat_rounds = self.max_iter - self.qat_warmup_rounds
+        observers = self.qat_freeze_observers_round
+        if observers is None:
+            observers = self.max_iter if qat_rounds >= 2 else self.max_iter + 1
+        bn = self.qat_freeze_bn_round
+        if bn is None:
+            bn = max(first + 1, observers - 1) if qat_rounds >= 3 else observers
+        return first, bn, observers
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+REQUIRED = ("model", "train_dataset", "test_dataset")
+
+# key -> (accepted python types, check, what the check demands)
+_POSITIVE_INT = ((int,), lambda v: v >= 1, "an integer >= 1")
+_RULES = {
+    "model": ((str,), lambda v: v.endswith(".py"), "the name of a .py file in the input dir"),
+    "train_dataset": ((str,), bool, "the name of a .pth file in the input dir"),
+    "test_dataset": ((str,), bool, "the name of a .pth file in the input dir"),
+    "batch_size": _POSITIVE_INT,
+    "learning_rate": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0"),
+    "epochs": _POSITIVE_INT,
+    "max_iter": _POSITIVE_INT,
+    "backend": ((str,), lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+    "quant_type": ((str,), lambda v: v in QUANT_TYPES, f"one of {', '.join(QUANT_TYPES)}"),
+    "model_class": ((str,), lambda v: v.isidentifier(), "a Python class name"),
+    "model_kwargs": ((dict,), lambda v: all(isinstance(k, str) for k in v), "a mapping of argument names to values"),
+    "seed": ((int,), lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
+    "calibration_batches": _POSITIVE_INT,
+    "train_function": ((str, type(None)), lambda v: v is None or v.endswith(".py"), "the name of a .py file in the input dir"),
+    "qat_warmup_rounds": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "qat_freeze_bn_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
+    "qat_freeze_observers_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
+}
+KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
+assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
+
+
+def load_config(input_dir):
+    """Read `<input_dir>/config.yml` and return a validated AppConfig (InputError otherwise)."""
+    path = Path(input_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(path, "config file not found (every site needs config.yml in its input dir)")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(path, f"not valid YAML: {error}") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not a text file") from None
+    return parse_config(document, path)
+
+
+def parse_config(document, path=CONFIG_FILE):
+    """Validate a parsed YAML document; `path` is only used in error messages."""
+    section = _app_section(document, path)
+    unknown = sorted(str(key) for key in section if key not in _RULES)
+    if unknown:
+        raise InputError(path, f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(KNOWN_KEYS)}",
+                         key=unknown[0])
+    for key in REQUIRED:
+        if key not in section:
+            raise InputError(path, "required key is missing", key=key)
+    for key, value in section.items():
+        _check_value(key, value, path)
+    config = AppConfig(**section)
+    if config.quant_type == "qat" and config.qat_warmup_rounds >= config.max_iter:
+        raise InputError(path, f"must be less than max_iter ({config.max_iter}), so that some "
+                         "rounds train with fake quantization", key="qat_warmup_rounds")
+    return config
+
+
+def _app_section(document, path):
+    if not isinstance(document, dict):
+        raise InputError(path, f"must be a mapping of keys to values, got {type(document).__name__}")
+    if APP_KEY in document:
+        section = document[APP_KEY]
+        if not isinstance(section, dict):
+            raise InputError(path, "must be a mapping of keys to values", key=APP_KEY)
+        return dict(section)
+    return dict(document)
+
+
+def _check_value(key, value, path):
+    types, check, demand = _RULES[key]
+    # bool is an int in Python; `batch_size: true` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, types) or not check(value):
+        raise InputError(path, f"must be {demand}, got {value!r}", key=key)

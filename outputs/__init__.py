@@ -1,0 +1,1 @@
+"""What a site writes to its output dir: models, metrics, predictions, plots and report."""

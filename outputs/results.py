@@ -1,0 +1,62 @@
+"""Write a site's outputs: the models, metrics.json/csv, predictions and the report."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import quant
+from inputs.config import CONFIG_FILE
+from outputs.predictions import write_predictions
+from outputs.report import write_report
+
+ROUND_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+def write_results(output_dir, site, results, federation, site_info):
+    """Write everything and return the metrics dict that metrics.json holds."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = site.input_dir / CONFIG_FILE
+    # A copy of the config, so the next app of a FeatureCloud workflow finds it.
+    shutil.copyfile(config_path, output_dir / CONFIG_FILE)
+    torch.save(site.float_model.state_dict(), output_dir / "model_fp32.pt")
+    quant.save_torchscript(site.int8_model, site.example_inputs, output_dir / "model_int8.pt",
+                           site.config.backend)
+    metrics = build_metrics(site, results, federation, site_info)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_rounds_csv(output_dir / "metrics.csv", metrics["rounds"], metrics["federation"]["rounds"])
+    predictions = site.predictions
+    write_predictions(output_dir, predictions["true"], predictions["int8"], predictions["fp32"])
+    write_report(output_dir, metrics, predictions["true"], predictions["int8"], config_path.read_text())
+    return metrics
+
+
+def build_metrics(site, results, federation, site_info):
+    return {
+        "site": site_info,
+        "backend": site.config.backend,
+        "quant_type": site.config.quant_type,
+        "quantization_mode": quant.mode_of(site.prepared),
+        "n_train": results["n_train"],
+        "n_test": results["n_test"],
+        "rounds": site.rounds,
+        "fp32": results["fp32"],
+        "int8": results["int8"],
+        "federation": {**federation["figures"], "rounds": federation["rounds"]},
+        "config": site.config.to_dict(),
+    }
+
+
+def write_rounds_csv(path, rounds, federation_rounds):
+    """One row per round: this site's figures, then the federation-wide ones."""
+    federation_by_round = {row["round"]: row for row in federation_rounds}
+    header = list(ROUND_COLUMNS) + [f"federation_{name}" for name in ROUND_COLUMNS[1:]]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rounds:
+            federation_row = federation_by_round.get(row["round"], {})
+            writer.writerow([row[name] for name in ROUND_COLUMNS]
+                            + [federation_row.get(name) for name in ROUND_COLUMNS[1:]])

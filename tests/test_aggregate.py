@@ -1,0 +1,57 @@
+"""Weighted federated averaging (buffers included) and the checks on received updates."""
+import pytest
+import torch
+from torch import nn
+
+from federation.aggregate import UpdateError, check_update, weighted_average
+
+
+def bn_net(value):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            tensor.fill_(value)
+    return net.state_dict()
+
+
+def test_weighted_by_samples_including_batchnorm_buffers():
+    a, b = bn_net(1.0), bn_net(4.0)
+    averaged = weighted_average([a, b], [300, 100])
+    for name, tensor in averaged.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, torch.full_like(tensor, 1.75)), name
+    # BatchNorm's running statistics are averaged too, not only the parameters.
+    assert torch.allclose(averaged["1.running_mean"], torch.full((2,), 1.75))
+    assert torch.allclose(averaged["1.running_var"], torch.full((2,), 1.75))
+
+
+def test_integer_buffers_are_not_averaged_as_floats():
+    a, b = bn_net(0.0), bn_net(0.0)
+    a["1.num_batches_tracked"] = torch.tensor(7)
+    b["1.num_batches_tracked"] = torch.tensor(3)
+    averaged = weighted_average([a, b], [1, 1])
+    assert averaged["1.num_batches_tracked"].dtype == torch.int64
+    assert averaged["1.num_batches_tracked"].item() == 7
+
+
+def test_average_keeps_dtypes_and_is_exact_for_equal_models():
+    a = bn_net(0.3)
+    averaged = weighted_average([a, a, a], [5, 6, 7])
+    for name in a:
+        assert averaged[name].dtype == a[name].dtype
+        assert torch.equal(averaged[name], a[name])
+
+
+@pytest.mark.parametrize("corrupt, text", [
+    (lambda s: s.pop("0.weight"), "missing"),
+    (lambda s: s.update(extra=torch.zeros(1)), "unexpected"),
+    (lambda s: s.update({"0.weight": torch.zeros(3, 1, 3, 3)}), "expected torch.float32[2, 1, 3, 3]"),
+    (lambda s: s.update({"0.weight": torch.zeros(2, 1, 3, 3, dtype=torch.float64)}), "torch.float64"),
+    (lambda s: s["0.bias"].fill_(float("nan")), "NaN or infinite"),
+])
+def test_bad_update_names_the_sender(corrupt, text):
+    reference, update = bn_net(1.0), bn_net(1.0)
+    corrupt(update)
+    with pytest.raises(UpdateError, match="site abc123") as error:
+        check_update(reference, update, "abc123")
+    assert text in str(error.value)

@@ -1,0 +1,72 @@
+"""config.yml validation: defaults, both layouts, and an error naming file and key for each mistake."""
+import pytest
+
+from inputs.config import AppConfig, InputError, load_config, parse_config
+
+BASE = {"model": "mnist_model.py", "train_dataset": "train.pth", "test_dataset": "test.pth"}
+
+
+def test_flat_seed_keys_with_defaults():
+    config = parse_config(dict(BASE))
+    assert config == AppConfig(**BASE)
+    assert (config.batch_size, config.backend, config.quant_type, config.model_class) == (32, "x86", "post_static", "Model")
+
+
+def test_keys_under_app_section_and_other_apps_ignored():
+    document = {"fc_quantization": {**BASE, "backend": "qnnpack", "max_iter": 3}, "fc_deep": {"x": 1}}
+    config = parse_config(document)
+    assert (config.backend, config.max_iter) == ("qnnpack", 3)
+
+
+def test_all_seed_keys_accepted():
+    config = parse_config({**BASE, "batch_size": 64, "learning_rate": 0.01, "epochs": 2, "max_iter": 4,
+                           "backend": "fbgemm", "quant_type": "qat"})
+    assert (config.batch_size, config.learning_rate, config.epochs, config.max_iter) == (64, 0.01, 2, 4)
+
+
+@pytest.mark.parametrize("change, key, text", [
+    ({"batch_size": 0}, "batch_size", "integer >= 1"),
+    ({"batch_size": True}, "batch_size", "integer >= 1"),
+    ({"batch_size": "32"}, "batch_size", "integer >= 1"),
+    ({"learning_rate": -0.1}, "learning_rate", "> 0"),
+    ({"epochs": 0}, "epochs", "integer >= 1"),
+    ({"max_iter": 0}, "max_iter", "integer >= 1"),
+    ({"backend": "tensorrt"}, "backend", "fbgemm, qnnpack, x86"),
+    ({"quant_type": "dynamic"}, "quant_type", "post_static, qat"),
+    ({"model": "model.txt"}, "model", ".py"),
+    ({"model_kwargs": [1]}, "model_kwargs", "mapping"),
+    ({"bogus": 1}, "bogus", "known keys: model, train_dataset"),
+    ({"quant_type": "qat", "max_iter": 2, "qat_warmup_rounds": 2}, "qat_warmup_rounds", "less than max_iter"),
+])
+def test_bad_values_name_the_key(change, key, text):
+    with pytest.raises(InputError) as error:
+        parse_config({**BASE, **change}, "in/config.yml")
+    assert error.value.key == key
+    assert "in/config.yml" in str(error.value) and f"'{key}'" in str(error.value) and text in str(error.value)
+
+
+@pytest.mark.parametrize("missing", ["model", "train_dataset", "test_dataset"])
+def test_missing_required_key(missing):
+    document = {k: v for k, v in BASE.items() if k != missing}
+    with pytest.raises(InputError, match=f"key '{missing}': required key is missing"):
+        parse_config(document)
+
+
+def test_missing_file_and_yaml_syntax_error(tmp_path):
+    with pytest.raises(InputError, match="config.yml: config file not found"):
+        load_config(tmp_path)
+    (tmp_path / "config.yml").write_text("model: [unclosed\n")
+    with pytest.raises(InputError, match="config.yml: not valid YAML"):
+        load_config(tmp_path)
+    (tmp_path / "config.yml").write_text("- a list\n")
+    with pytest.raises(InputError, match="must be a mapping"):
+        load_config(tmp_path)
+
+
+def test_qat_schedule_follows_recipe():
+    config = parse_config({**BASE, "quant_type": "qat", "max_iter": 5})
+    first, freeze_bn, freeze_observers = config.qat_schedule()
+    assert first == 1 and freeze_bn == 4 and freeze_observers == 5
+    config = parse_config({**BASE, "quant_type": "qat", "max_iter": 5, "qat_warmup_rounds": 2,
+                           "qat_freeze_observers_round": 4})
+    assert config.qat_schedule()[0] == 3 and config.qat_schedule()[2] == 4
