@@ -1,0 +1,119 @@
+"""What the FeatureCloud controller does with a payload it pulled from a site.
+
+Routing by the status' `destination`, SMPC sums, and the byte counts the benchmarks report.
+"""
+import json
+from collections import defaultdict
+from functools import reduce
+
+from testbed.site import SiteFailure
+
+
+def memo_of(status):
+    """The memo as delivered: a status without memo delivers the literal string 'None'."""
+    memo = status.get("memo")
+    return "None" if memo is None else str(memo)
+
+
+def _to_fixed(value, scale):
+    """JSON numbers (nested lists allowed) to fixed-point ints, as the controller does."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, list)):
+        raise TypeError(f"SMPC payloads must be numbers or nested lists of numbers, "
+                        f"found {type(value).__name__}")
+    if isinstance(value, list):
+        return [_to_fixed(item, scale) for item in value]
+    return int(value * scale)
+
+
+def _add(left, right):
+    if isinstance(left, int) and isinstance(right, int):
+        return left + right
+    if isinstance(left, list) and isinstance(right, list) and len(left) == len(right):
+        return [_add(a, b) for a, b in zip(left, right)]
+    raise ValueError("SMPC payloads differ in shape")
+
+
+def _from_fixed(value, scale):
+    if isinstance(value, list):
+        return [_from_fixed(item, scale) for item in value]
+    return value / scale
+
+
+def smpc_sum(payloads, exponent):
+    """Element-wise sum of JSON payloads in fixed point with `exponent` decimal digits.
+
+    Summing the values equals summing their secret shares, so no shares are made locally.
+    """
+    scale = 10 ** int(exponent)
+    fixed = [_to_fixed(json.loads(payload), scale) for payload in payloads]
+    return json.dumps(_from_fixed(reduce(_add, fixed), scale)).encode()
+
+
+class Relay:
+    """Routes payloads between sites; sites[0] is the coordinator."""
+
+    def __init__(self, sites, relay_filter=None):
+        self.sites = sites
+        self.coordinator = sites[0]
+        self.sites_by_id = {site.id: site for site in sites}
+        self.relay_filter = relay_filter
+        self.bytes_by_memo = defaultdict(int)
+        self.smpc_pending = {}  # memo -> {site index: payload}
+
+    @property
+    def bytes_relayed(self):
+        return sum(self.bytes_by_memo.values())
+
+    def route(self, sender, status, payload):
+        if status.get("dp"):
+            raise SiteFailure(sender, "differential privacy (status 'dp') is not supported "
+                                      "by the testbed")
+        memo = memo_of(status)
+        if status.get("smpc"):
+            self._collect_smpc(sender, status["smpc"], memo, payload)
+            return
+        for receiver in self._receivers(sender, status.get("destination")):
+            self._deliver(sender.id, receiver, memo, self._filtered(sender, receiver, memo, payload))
+
+    def _receivers(self, sender, destination):
+        if destination is None and sender is self.coordinator:
+            # A broadcast: the coordinator already kept its own copy (send_to_self).
+            return [site for site in self.sites if site is not sender]
+        if destination is None:
+            return [self.coordinator]
+        receiver = self.sites_by_id.get(destination)
+        if receiver is None:
+            raise SiteFailure(sender, f"destination {destination!r} is not a client id of this run")
+        return [receiver]
+
+    def _filtered(self, sender, receiver, memo, payload):
+        if self.relay_filter is None:
+            return payload
+        replaced = self.relay_filter(sender.index, receiver.index, memo, payload)
+        if not isinstance(replaced, bytes):
+            raise TypeError(f"relay_filter must return bytes, returned {type(replaced).__name__}")
+        return replaced
+
+    def _deliver(self, sender_id, receiver, memo, payload):
+        receiver.post_data(payload, sender_id, memo)
+        self.bytes_by_memo[memo] += len(payload)
+
+    def _collect_smpc(self, sender, smpc, memo, payload):
+        if smpc.get("operation", "add") != "add" or smpc.get("serialization", "json") != "json":
+            raise SiteFailure(sender, f"SMPC {smpc.get('operation')}/{smpc.get('serialization')} "
+                                      f"is not supported by the testbed (only add/json)")
+        pending = self.smpc_pending.setdefault(memo, {})
+        if sender.index in pending:
+            raise SiteFailure(sender, f"sent two SMPC payloads for memo {memo!r}")
+        pending[sender.index] = self._filtered(sender, self.coordinator, memo, payload)
+        if len(pending) < len(self.sites):
+            return
+        del self.smpc_pending[memo]
+        try:
+            total = smpc_sum([pending[index] for index in sorted(pending)],
+                             smpc.get("exponent", 8))
+        except (ValueError, TypeError) as error:
+            raise SiteFailure(sender, f"SMPC payloads for memo {memo!r} cannot be summed: "
+                                      f"{error}") from error
+        # The aggregate comes from no single site; it is posted in the coordinator's name.
+        self._deliver(self.coordinator.id, self.coordinator, memo, total)

@@ -1,0 +1,159 @@
+"""run_federation: N sites as local processes, driven the way the FeatureCloud controller does."""
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.relay import Relay
+from testbed.report import failure_report, progress_key, progress_line
+from testbed.site import Site, SiteFailure, stop_sites
+
+# The real controller polls every 2.0 s; locally a short interval keeps runs fast.
+DEFAULT_QUERY_INTERVAL_S = 0.2
+DEFAULT_TIMEOUT_S = 900.0
+# A site whose HTTP server is not up by then counts as failed.
+STARTUP_WAIT_S = 60.0
+DEFAULT_APP = Path(__file__).resolve().parent.parent / "main.py"
+
+
+@dataclass
+class FederationResult:
+    ok: bool
+    failed_site: int | None  # 1-based index of the failing site, None for a timeout
+    message: str
+    site_outputs: list[Path]  # out_dir/client_<i>, in order of the client dirs
+    log_paths: list[Path]
+    wall_time_s: float
+    bytes_relayed: int  # every payload body the controller POSTed to a site
+    bytes_by_memo: dict[str, int] = field(default_factory=dict)
+    last_status: list[dict | None] = field(default_factory=list)  # per site
+
+
+class RunTimeout(Exception):
+    pass
+
+
+def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUERY_INTERVAL_S,
+                   app=DEFAULT_APP, timeout=DEFAULT_TIMEOUT_S, relay_filter=None, quiet=False,
+                   on_started=None):
+    """Run one federation; the first client dir is the coordinator.
+
+    relay_filter(sender_index, receiver_index, memo, payload) -> bytes may replace any payload
+    on its way (indices 1-based; SMPC contributions pass it on their way to the coordinator).
+    on_started(ports) is called once every site is set up, with the sites' ports in order;
+    each site serves /api and /web on its port.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    out_dir = Path(out_dir)
+    _check_inputs(client_dirs, generic_dir, app)
+    app = Path(app).resolve()  # the app runs with its own dir as working dir
+    work_dir = Path(tempfile.mkdtemp(prefix="fc-testbed-"))
+    sites = [Site(index, client_dir, work_dir, out_dir / "logs" / f"client_{index}.log")
+             for index, client_dir in enumerate(client_dirs, start=1)]
+    relay = Relay(sites, relay_filter)
+    ok, failed_site, message = False, None, "interrupted"
+    try:
+        for site in sites:
+            site.start(app, None if generic_dir is None else Path(generic_dir))
+        _setup_all(sites, deadline)
+        if on_started is not None:
+            on_started([site.port for site in sites])
+        _poll_until_finished(sites, relay, query_interval, deadline, quiet)
+        ok, message = True, f"all {len(sites)} sites finished"
+    except SiteFailure as failure:
+        failed_site, message = failure.site.index, str(failure)
+    except RunTimeout as error:
+        message = str(error)
+    finally:
+        stop_sites(sites)
+        site_outputs = _collect_outputs(sites, out_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    result = FederationResult(
+        ok=ok, failed_site=failed_site, message=message, site_outputs=site_outputs,
+        log_paths=[site.log_path for site in sites], wall_time_s=time.monotonic() - started,
+        bytes_relayed=relay.bytes_relayed, bytes_by_memo=dict(relay.bytes_by_memo),
+        last_status=[site.last_status for site in sites])
+    if not ok and not quiet:
+        print(failure_report(result, sites), flush=True)
+    return result
+
+
+def _check_inputs(client_dirs, generic_dir, app):
+    if not client_dirs:
+        raise ValueError("run_federation needs at least one client dir")
+    for client_dir in client_dirs:
+        if not Path(client_dir).is_dir():
+            raise FileNotFoundError(f"client dir not found: {client_dir}")
+    if generic_dir is not None and not Path(generic_dir).is_dir():
+        raise FileNotFoundError(f"generic dir not found: {generic_dir}")
+    if not Path(app).is_file():
+        raise FileNotFoundError(f"app not found: {app}")
+
+
+def _setup_all(sites, deadline):
+    """POST /setup to every site at once (each answer takes the engine's 1 s sleep)."""
+    client_ids = [site.id for site in sites]
+    pool = ThreadPoolExecutor(max_workers=len(sites))
+    try:
+        futures = [pool.submit(site.setup, site is sites[0], client_ids, STARTUP_WAIT_S, deadline)
+                   for site in sites]
+        for future in as_completed(futures):
+            future.result()  # re-raises the first SiteFailure as soon as it happens
+    finally:
+        # Don't wait for the others: once the sites are stopped their retries end by themselves.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _poll_until_finished(sites, relay, query_interval, deadline, quiet):
+    shown = {}
+    while True:
+        if time.monotonic() > deadline:
+            unfinished = ", ".join(site.name for site in sites if not site.finished)
+            raise RunTimeout(f"run exceeded the timeout; unfinished: {unfinished}")
+        for site in sites:
+            site.check_alive()
+        for site in sites:
+            if not site.finished:
+                _drain(site, relay, shown, quiet)
+        if all(site.finished for site in sites):
+            return
+        time.sleep(query_interval)
+
+
+def _drain(site, relay, shown, quiet):
+    """status, data, status, data... while the site has data queued (strictly sequential)."""
+    while True:
+        status = site.get_status()
+        _show_progress(site, status, shown, quiet)
+        if status.get("state") == "error":
+            raise SiteFailure(site, f"reported state error: {status.get('message')}")
+        if not status.get("available"):
+            site.finished = bool(status.get("finished"))
+            return
+        relay.route(site, status, site.get_data())
+
+
+def _show_progress(site, status, shown, quiet):
+    key = progress_key(status)
+    if shown.get(site.index) != key:
+        shown[site.index] = key
+        if not quiet:
+            print(progress_line(site.name, status), flush=True)
+
+
+def _collect_outputs(sites, out_dir):
+    """Copy each site's output dir to out_dir/client_<i> (replacing an older run's)."""
+    outputs = []
+    for site in sites:
+        target = out_dir / site.name
+        if target.exists():
+            shutil.rmtree(target)
+        if site.output_dir.is_dir():
+            shutil.copytree(site.output_dir, target)
+        else:
+            target.mkdir(parents=True)
+        outputs.append(target)
+    return outputs

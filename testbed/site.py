@@ -1,0 +1,185 @@
+"""One site of a local federation: its input/output dirs, its app process, its HTTP endpoint.
+
+A site plays the part of one FeatureCloud container: its input dir is the client dir merged
+with the generic dir, its app listens on a free local port and its log goes to a file.
+"""
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+# Generous for a local machine; they only bound how long a hung site can stall the controller.
+HTTP_TIMEOUT_S = 30.0
+# How long SIGTERM gets before SIGKILL when sites are stopped.
+STOP_GRACE_S = 2.0
+LOG_TAIL_LINES = 40
+
+
+class SiteFailure(Exception):
+    """A site failed: errored, died, never came up or broke the protocol."""
+
+    def __init__(self, site, message):
+        super().__init__(f"{site.name}: {message}")
+        self.site = site
+        self.message = message
+
+
+def free_port():
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def merge_input_dir(client_dir, generic_dir, input_dir):
+    """Copy the generic dir, then the client dir, into input_dir (client files win a clash)."""
+    input_dir.mkdir(parents=True)
+    if generic_dir is not None:
+        shutil.copytree(generic_dir, input_dir, dirs_exist_ok=True)
+    shutil.copytree(client_dir, input_dir, dirs_exist_ok=True)
+
+
+class Site:
+    """A site's files and process, and the three controller calls it answers."""
+
+    def __init__(self, index, client_dir, work_dir, log_path):
+        self.index = index  # 1-based, as in client_<index>
+        self.name = f"client_{index}"
+        self.client_dir = Path(client_dir)
+        self.id = secrets.token_hex(8)  # 16 hex chars, like the controller's ids
+        self.input_dir = Path(work_dir) / self.name / "input"
+        self.output_dir = Path(work_dir) / self.name / "output"
+        self.log_path = Path(log_path)
+        self.port = None
+        self.process = None
+        self.last_status = None
+        self.finished = False
+
+    # --- process -------------------------------------------------------------------------
+
+    def start(self, app_path, generic_dir):
+        merge_input_dir(self.client_dir, generic_dir, self.input_dir)
+        self.output_dir.mkdir(parents=True)
+        self.port = free_port()
+        env = dict(os.environ)
+        env.update(FC_PORT=str(self.port), FC_INPUT_DIR=str(self.input_dir),
+                   FC_OUTPUT_DIR=str(self.output_dir), PYTHONUNBUFFERED="1")
+        # Short engine sleeps unless the caller asked for the real ones (FC_FAST_ENGINE=0).
+        env.setdefault("FC_FAST_ENGINE", "1")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            # Own session: stopping the site kills the whole process group it may spawn.
+            self.process = subprocess.Popen(
+                [sys.executable, str(app_path)], cwd=str(Path(app_path).parent), env=env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def exit_code(self):
+        """None while the process runs, else its exit code."""
+        return None if self.process is None else self.process.poll()
+
+    def check_alive(self):
+        code = self.exit_code()
+        if code is not None and not self.finished:
+            raise SiteFailure(self, f"process exited with code {code} before finishing")
+
+    def signal_group(self, signum):
+        # Also when the leader is gone: processes it spawned may still hold the group.
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, lines=LOG_TAIL_LINES):
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # --- controller calls ----------------------------------------------------------------
+
+    def _url(self, path, query=None):
+        url = f"http://127.0.0.1:{self.port}/api/{path}"
+        return f"{url}?{urllib.parse.urlencode(query)}" if query else url
+
+    def _call(self, method, path, body=None, query=None, content_type=None):
+        request = urllib.request.Request(self._url(path, query), data=body, method=method)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            return response.read()
+
+    def _call_or_fail(self, method, path, **kwargs):
+        try:
+            return self._call(method, path, **kwargs)
+        except (urllib.error.URLError, OSError) as error:
+            self.check_alive()  # a dead process is the clearer message
+            raise SiteFailure(self, f"{method} /{path} failed: {error}") from error
+
+    def setup(self, coordinator, client_ids, wait_s, deadline):
+        """POST /setup, retrying while the app's HTTP server is still coming up."""
+        body = json.dumps({"id": self.id, "coordinator": coordinator,
+                           "clients": client_ids, "coordinatorID": client_ids[0]}).encode()
+        give_up = min(time.monotonic() + wait_s, deadline)
+        while True:
+            self.check_alive()
+            try:
+                self._call("POST", "setup", body=body, content_type="application/json")
+                return
+            except urllib.error.HTTPError as error:
+                raise SiteFailure(self, f"POST /setup answered HTTP {error.code}") from error
+            except (urllib.error.URLError, ConnectionError) as error:
+                if time.monotonic() > give_up:
+                    raise SiteFailure(
+                        self, f"HTTP server on port {self.port} did not come up "
+                              f"within {wait_s:.0f} s ({error})") from error
+                time.sleep(0.1)
+
+    def get_status(self):
+        """GET /status. The body is JSON either way: a dict, or a pre-serialised JSON string."""
+        body = self._call_or_fail("GET", "status")
+        try:
+            status = json.loads(body)
+        except ValueError as error:
+            raise SiteFailure(self, f"GET /status returned no JSON: {body[:200]!r}") from error
+        if not isinstance(status, dict):
+            raise SiteFailure(self, f"GET /status returned {type(status).__name__}, not an object")
+        self.last_status = status
+        return status
+
+    def get_data(self):
+        return self._call_or_fail("GET", "data")
+
+    def post_data(self, payload, sender_id, memo):
+        # The engine stores the decoded query value and looks it up as quote(memo): send the
+        # quoted memo, URL-encoded once more, so that lookup matches for any memo.
+        query = {"client": sender_id, "memo": urllib.parse.quote(memo)}
+        self._call_or_fail("POST", "data", body=payload, query=query,
+                           content_type="application/octet-stream")
+
+
+def stop_sites(sites):
+    """SIGTERM every site's process group, then SIGKILL whatever outlives the grace period."""
+    for site in sites:
+        site.signal_group(signal.SIGTERM)
+    give_up = time.monotonic() + STOP_GRACE_S
+    for site in sites:
+        if site.process is None:
+            continue
+        try:
+            site.process.wait(timeout=max(0.0, give_up - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            site.signal_group(signal.SIGKILL)
+            site.process.wait(timeout=STOP_GRACE_S)
