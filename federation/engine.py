@@ -10,11 +10,16 @@ memos) and change it in three places only, each because it falls short:
    executes nothing). The JSON path (SMPC/DP, `json.loads`) is safe and stays as it is.
 2. Receiving. The engine's `gather_data`/`await_data` drop the id of the sending site; we need
    it to name a site whose update is bad, so `receive` reads the engine's incoming queue itself.
-3. Sleeps. The engine's waits are module constants tuned for the real controller; local runs
+3. Errors. On an exception the engine reports only its class name ("InputError"); a user
+   needs to know what is wrong. `install` wraps the run so that the status message says it
+   (within the engine's 40 characters) and the log carries the whole explanation.
+4. Sleeps. The engine's waits are module constants tuned for the real controller; local runs
    (the testbed) shorten them. Production defaults stay as they are.
 """
 import json
+import sys
 import time
+import traceback
 import urllib.parse
 from dataclasses import dataclass
 
@@ -35,10 +40,31 @@ def _deserialize_incoming(data, is_json=False):
     return json.loads(data) if is_json else data
 
 
+def status_message(error):
+    """At most 40 characters that tell a user what went wrong."""
+    short = getattr(error, "short", None)
+    return (short or f"{type(error).__name__}: {error}")[:40]
+
+
+def _guarded_run(app):
+    # The engine's own guarded_run, with a message that says what is wrong.
+    try:
+        app.run()
+    except Exception as error:  # noqa: BLE001 - every failure must reach the controller
+        app.log(traceback.format_exc())
+        print(f"ERROR at this site: {error}", file=sys.stderr, flush=True)
+        message = status_message(error)
+        app.status_message, app.status_state, app.status_finished = message, "error", True
+        # At the head of the queue: the controller sees the error on its next poll.
+        app.data_outgoing.insert(0, (None, app.get_current_status(
+            finished=True, state=fc_engine.State.ERROR.value, message=message)))
+
+
 def install(fast=False):
-    """Make the engine pickle-free; with `fast`, shorten its sleeps for local runs."""
+    """Make the engine pickle-free and its errors explicit; with `fast`, shorten its sleeps."""
     fc_engine._serialize_outgoing = _serialize_outgoing
     fc_engine._deserialize_incoming = _deserialize_incoming
+    fc_engine.app.guarded_run = lambda: _guarded_run(fc_engine.app)
     if fast:
         for name, seconds in _FAST_WAITS.items():
             setattr(fc_engine, name, seconds)
