@@ -1,0 +1,37 @@
+"""Int8 quantization of a user's PyTorch CNN (plain PyTorch; torch.ao lives only here).
+
+Post-training static quantization: prepare_ptq -> calibrate -> convert.
+Quantization-aware training:       prepare_qat -> train (forward_quant) -> freeze_qat -> convert.
+Across sites: observer_stats -> merge_observer_stats -> load_observer_stats before convert;
+float_state / load_float_state carry what federated averaging averages.
+"""
+
+from .convert import convert
+from .engine import BACKENDS, QUANT_TYPES, mode_of, set_engine
+from .errors import QuantizationError
+from .prepare import prepare_ptq, prepare_qat
+from .results import latency_ms, save_torchscript, state_dict_size_bytes
+from .run import calibrate, forward_quant, freeze_qat
+from .stats import float_state, load_float_state, load_observer_stats, merge_observer_stats, observer_stats
+
+__all__ = [
+    "BACKENDS",
+    "QUANT_TYPES",
+    "QuantizationError",
+    "calibrate",
+    "convert",
+    "float_state",
+    "forward_quant",
+    "freeze_qat",
+    "latency_ms",
+    "load_float_state",
+    "load_observer_stats",
+    "merge_observer_stats",
+    "mode_of",
+    "observer_stats",
+    "prepare_ptq",
+    "prepare_qat",
+    "save_torchscript",
+    "set_engine",
+    "state_dict_size_bytes",
+]

@@ -1,0 +1,121 @@
+"""Eager-mode quantization: the fallback for models torch.fx cannot trace.
+
+Eager mode needs the quant/dequant stubs inside forward, fused modules found by name,
+and every op between the stubs must have an int8 kernel. We wrap the user's model,
+fuse what we can prove safe, and test-run the int8 result so that a model which cannot
+run quantized fails at prepare time with the module and operation named.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from . import _ao
+from .errors import QuantizationError
+from .run import forward_quant, run_or_explain
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Longest first, so conv-bn-relu wins over conv-bn.
+_FUSION_PATTERNS = (
+    (_CONVS, _BATCHNORMS, (nn.ReLU,)),
+    (_CONVS, _BATCHNORMS),
+    (_CONVS, (nn.ReLU,)),
+    ((nn.Linear,), (nn.ReLU,)),
+)
+
+
+class EagerQuantWrapper(nn.Module):
+    """Quantizes every input on the way in and dequantizes the output(s) on the way out."""
+
+    def __init__(self, model: nn.Module, num_inputs: int):
+        super().__init__()
+        self.quant_inputs = nn.ModuleList(_ao.QuantStub() for _ in range(num_inputs))
+        self.model = model
+        self.dequant = _ao.DeQuantStub()
+
+    def forward(self, *inputs):
+        quantized = [stub(x) for stub, x in zip(self.quant_inputs, inputs)]
+        output = self.model(*quantized)
+        if isinstance(output, (tuple, list)):
+            return type(output)(self.dequant(item) for item in output)
+        return self.dequant(output)
+
+
+def _matches(modules, pattern) -> bool:
+    return len(modules) == len(pattern) and all(
+        type(module) in kinds for module, kinds in zip(modules, pattern)
+    )
+
+
+def _candidate_fusions(model: nn.Module):
+    """Runs of consecutive children (in definition order) that fit a fusion pattern."""
+    candidates = []
+    for parent_path, parent in model.named_modules():
+        children = list(parent.named_children())
+        index = 0
+        while index < len(children):
+            for pattern in _FUSION_PATTERNS:
+                run = children[index : index + len(pattern)]
+                if _matches([module for _, module in run], pattern):
+                    prefix = f"{parent_path}." if parent_path else ""
+                    candidates.append([prefix + name for name, _ in run])
+                    index += len(pattern) - 1
+                    break
+            index += 1
+    return candidates
+
+
+def _same_output(reference, output) -> bool:
+    if isinstance(reference, (tuple, list)):
+        return all(_same_output(r, o) for r, o in zip(reference, output))
+    tolerance = 1e-4 * max(1.0, float(reference.abs().max()))
+    return reference.shape == output.shape and torch.allclose(reference, output, rtol=1e-4, atol=tolerance)
+
+
+def safe_fusions(model: nn.Module, example_inputs: tuple):
+    """The candidate fusions that leave the eval-mode output unchanged.
+
+    Definition order is only a guess at execution order (and a ReLU module may be
+    shared), so each fusion is kept only if the fused model computes the same thing.
+    """
+    reference_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        reference = forward_quant(reference_model, example_inputs)
+        accepted = []
+        for group in _candidate_fusions(reference_model):
+            fused = _ao.fuse_modules(copy.deepcopy(reference_model), [group])
+            if _same_output(reference, forward_quant(fused, example_inputs)):
+                accepted.append(group)
+    return accepted
+
+
+def _check_runs_quantized(prepared: EagerQuantWrapper, example_inputs: tuple, operation: str) -> None:
+    trial = copy.deepcopy(prepared).cpu().eval()
+    run_or_explain(trial, example_inputs, f"{operation} (eager mode, observing)")
+    int8_model = _ao.eager_convert(trial)
+    run_or_explain(int8_model, example_inputs, f"{operation} (eager mode, int8 run)")
+
+
+def prepare_eager(model: nn.Module, example_inputs: tuple, backend: str, qat: bool) -> nn.Module:
+    """Wrap, fuse, attach observers (or fake quantization) and test the int8 run."""
+    operation = "prepare_qat" if qat else "prepare_ptq"
+    wrapper = EagerQuantWrapper(model, len(example_inputs))
+    fusions = [[f"model.{name}" for name in group] for group in safe_fusions(model, example_inputs)]
+    if qat:
+        wrapper.train()
+        if fusions:
+            wrapper = _ao.fuse_modules_qat(wrapper, fusions)
+        wrapper.qconfig = _ao.get_default_qat_qconfig(backend)
+        prepared = _ao.eager_prepare_qat(wrapper)
+    else:
+        wrapper.eval()
+        if fusions:
+            wrapper = _ao.fuse_modules(wrapper, fusions)
+        wrapper.qconfig = _ao.get_default_qconfig(backend)
+        prepared = _ao.eager_prepare(wrapper)
+    if not isinstance(prepared, EagerQuantWrapper):
+        raise QuantizationError(f"{operation}: eager preparation replaced the wrapper module")
+    _check_runs_quantized(prepared, example_inputs, operation)
+    return prepared

@@ -1,0 +1,58 @@
+"""Backends, and what a prepared model remembers about how it was prepared."""
+
+import dataclasses
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import QuantizationError
+
+BACKENDS = ("fbgemm", "qnnpack", "x86")
+QUANT_TYPES = ("post_static", "qat")
+
+_INFO_KEY = "quant_info"  # key in GraphModule.meta (deep copies keep meta, not attributes)
+
+
+def set_engine(backend) -> None:
+    """Select the int8 kernels that packing and running quantized layers use."""
+    if backend not in BACKENDS:
+        raise QuantizationError(f"unknown quantization backend {backend!r}; expected one of {BACKENDS}")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise QuantizationError(
+            f"quantization backend {backend!r} is not built into this torch "
+            f"(supported: {torch.backends.quantized.supported_engines})"
+        )
+    torch.backends.quantized.engine = backend
+
+
+@dataclasses.dataclass
+class QuantInfo:
+    mode: str  # "fx" or "eager"
+    backend: str
+    example_inputs: tuple  # CPU copies, to test-run the converted model
+
+
+def attach_info(model: nn.Module, info: QuantInfo) -> None:
+    if isinstance(model, torch.fx.GraphModule):
+        model.meta[_INFO_KEY] = info
+    else:
+        # plain attribute: eager wrappers survive deepcopy with their __dict__
+        model.__dict__["_quant_info"] = info
+
+
+def info_of(model: nn.Module) -> QuantInfo:
+    if isinstance(model, torch.fx.GraphModule):
+        info = model.meta.get(_INFO_KEY)
+    else:
+        info = model.__dict__.get("_quant_info")
+    if info is None:
+        raise QuantizationError(
+            f"{type(model).__name__} was not prepared by quant.prepare_ptq / quant.prepare_qat"
+        )
+    return info
+
+
+def mode_of(prepared: nn.Module) -> str:
+    """"fx" or "eager": how prepare_ptq / prepare_qat instrumented the model."""
+    return info_of(prepared).mode

@@ -1,0 +1,76 @@
+"""Inserting observers (post-training) or fake quantization (QAT) into a copy of a model.
+
+FX graph mode first: it fuses conv/bn/relu and linear/relu by itself, quantizes
+functional ops and residual adds, and leaves ops without int8 kernels in float.
+Eager mode only when torch.fx cannot trace the model.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from . import _ao
+from .eager import prepare_eager
+from .engine import QuantInfo, attach_info, set_engine
+from .errors import QuantizationError
+
+
+def _check_example_inputs(example_inputs, operation: str) -> tuple:
+    if not isinstance(example_inputs, tuple) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise QuantizationError(
+            f"{operation}: example_inputs must be a tuple of tensors, e.g. (batch,), "
+            f"got {type(example_inputs).__name__}"
+        )
+    return tuple(x.detach().cpu().clone() for x in example_inputs)
+
+
+def _fx_trace_failure(model: nn.Module):
+    """Why torch.fx cannot trace `model` (as prepare_fx traces it), or None if it can."""
+    try:
+        _ao.QuantizationTracer([], []).trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: use eager mode
+        return error
+    return None
+
+
+def _to_example_device(model: nn.Module, example_inputs: tuple) -> tuple:
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    return tuple(x.to(device) for x in example_inputs)
+
+
+def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
+    operation = "prepare_qat" if qat else "prepare_ptq"
+    set_engine(backend)
+    cpu_examples = _check_example_inputs(example_inputs, operation)
+    model = copy.deepcopy(model)
+    model.train(qat)
+    trace_failure = _fx_trace_failure(model)
+    if trace_failure is None:
+        mode = "fx"
+        examples = _to_example_device(model, cpu_examples)
+        try:
+            if qat:
+                prepared = _ao.prepare_qat_fx(model, _ao.get_default_qat_qconfig_mapping(backend), examples)
+            else:
+                prepared = _ao.prepare_fx(model, _ao.get_default_qconfig_mapping(backend), examples)
+        except Exception as error:
+            raise QuantizationError(
+                f"{operation}: FX graph mode could not prepare {type(model).__name__}: {error}"
+            ) from error
+    else:
+        mode = "eager"
+        prepared = prepare_eager(model, cpu_examples, backend, qat)
+    prepared.train(qat)
+    attach_info(prepared, QuantInfo(mode=mode, backend=backend, example_inputs=cpu_examples))
+    return prepared
+
+
+def prepare_ptq(model: nn.Module, example_inputs: tuple, backend) -> nn.Module:
+    """A copy of `model` in eval mode with observers (backend's default qconfig)."""
+    return _prepare(model, example_inputs, backend, qat=False)
+
+
+def prepare_qat(model: nn.Module, example_inputs: tuple, backend) -> nn.Module:
+    """A copy of `model` in train mode with fake quantization (backend's default QAT qconfig)."""
+    return _prepare(model, example_inputs, backend, qat=True)
