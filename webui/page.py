@@ -7,6 +7,7 @@ REFRESH_SECONDS = 2
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 46em; color: #222; }
 h1 { font-size: 1.3em; }
+h2 { font-size: 1.1em; margin-top: 1.5em; }
 dl { display: grid; grid-template-columns: max-content auto; gap: .3em 1.2em; }
 dt { color: #666; }
 dd { margin: 0; }
