@@ -22,15 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quant import forward_quant
+
 
 def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu") -> dict:
     """Train `model` in place for `epochs` passes over `train_loader` with Adam and cross-entropy.
 
     Returns {"loss": mean loss per sample in the last epoch, "accuracy": its training accuracy}.
     """
-    # Imported here, not at the top: quant/ may itself use this module.
-    from quant import forward_quant
-
     if epochs < 1:
         raise ValueError(f"train: epochs must be >= 1, got {epochs}")
     model.to(device)
@@ -76,8 +75,6 @@ def evaluate(model, loader, device="cpu") -> Evaluation:
     The model's train/eval mode is restored afterwards, so evaluating between training rounds
     does not change how the next round trains.
     """
-    from quant import forward_quant  # see train()
-
     was_training = model.training
     model.eval()
     try:
