@@ -53,9 +53,10 @@ def _torch_load(path, key):
     # unpickling can run code; that is acceptable here because this is the site's own local
     # file, put in its input dir by the site itself, never data received over the network.
     classes = _classes_named_in(path)
-    if classes is None:
-        raise InputError(path, f"cannot be read as a torch.save file (corrupt or truncated?): "
-                               f"{type(weights_only_error).__name__}: {_first_line(weights_only_error)}", key=key) from None
+    if not classes:  # unreadable, or refused for a reason other than an unknown class
+        reason = f"{type(weights_only_error).__name__}: {_first_line(weights_only_error)}"
+        raise InputError(path, f"cannot be read as a torch.save file (corrupt or truncated?): {reason}",
+                         key=key) from None
     if not any(_is_dataset_class(name) for name in classes):
         raise InputError(path, f"holds objects of {', '.join(sorted(classes))}, which are neither a "
                                f"torch Dataset nor tensors", key=key) from None
@@ -68,7 +69,7 @@ def _torch_load(path, key):
 
 def _classes_named_in(path):
     """The classes/functions a torch.save file refers to beyond plain tensors; None when the
-    file is not a readable torch.save archive."""
+    file is not a readable torch.save zip archive."""
     try:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (ValueError, RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError):
