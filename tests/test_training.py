@@ -148,3 +148,19 @@ def test_cifar_net_builds_outputs_ten_scores_and_learns_a_fixed_batch():
     loss_before = evaluate(model, loader).loss
     train(model, loader, epochs=5, learning_rate=1e-2)
     assert evaluate(model, loader).loss < loss_before
+
+
+def test_evaluate_runs_an_int8_model_and_agrees_with_its_float_original():
+    import quant
+    seed_everything(0)
+    model = model_class(MNIST_MODEL)()
+    train(model, make_loader(client_1("train"), 32, shuffle=True, seed=0), 1, 2e-3)
+    prepared = quant.prepare_ptq(model, (torch.rand(2, 1, 28, 28),), "x86")
+    quant.calibrate(prepared, make_loader(client_1("train"), 64, shuffle=False), num_batches=4)
+    int8_model = quant.convert(prepared)
+    test_loader = make_loader(client_1("test"), 100, shuffle=False)
+
+    float_result, int8_result = evaluate(model, test_loader), evaluate(int8_model, test_loader)
+    assert int8_result.n == 334 and int8_result.y_pred.dtype == torch.int64
+    assert (int8_result.y_pred == float_result.y_pred).float().mean() > 0.95
+    assert abs(int8_result.accuracy - float_result.accuracy) < 0.05
