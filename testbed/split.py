@@ -19,6 +19,7 @@ Each site's test split is `round(test_fraction * n)` samples (at least one, leav
 one for training), stratified: every class gives its share, rounded by largest remainder.
 """
 import argparse
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -339,9 +340,9 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(site_table(splits))
-    client_dirs = " ".join(str(args.out / f"client_{site}") for site in range(1, args.sites + 1))
-    print(f"\nwritten to {args.out}; run the federation with:\n"
-          f"  python -m testbed --generic {args.out / GENERIC_DIR} {client_dirs}")
+    client_dirs = [str(args.out / f"client_{site}") for site in range(1, args.sites + 1)]
+    command = shlex.join(["python", "-m", "testbed", "--generic", str(args.out / GENERIC_DIR), *client_dirs])
+    print(f"\nwritten to {args.out}; run the federation with:\n  {command}")
     return 0
 
 
