@@ -10,6 +10,12 @@ from .engine import attach_info, info_of, set_engine
 from .errors import QuantizationError
 from .run import run_or_explain
 
+# An int8 model whose output on the example input is further than this (max abs
+# difference over max abs output) from the prepared model's is broken, not imprecise:
+# sound models stay under 0.1. Seen with qnnpack's hardtanh/ReLU6 on channels-last
+# tensors (torch 2.14), which scrambles its output without raising.
+_GROSS_DEVIATION = 0.5
+
 # Layers that exist in every int8 model (stubs, containers) and so prove nothing.
 _NOT_EVIDENCE = {"Quantize", "DeQuantize"}
 
@@ -30,6 +36,7 @@ def convert(prepared: nn.Module) -> nn.Module:
     info = info_of(prepared)
     set_engine(info.backend)  # weights are packed for the engine selected now
     model = copy.deepcopy(prepared).cpu().eval()
+    reference_model = copy.deepcopy(model)  # convert_fx rewrites the graph it is given
     try:
         int8_model = _ao.convert_fx(model) if info.mode == "fx" else _ao.eager_convert(model)
     except Exception as error:
@@ -41,5 +48,28 @@ def convert(prepared: nn.Module) -> nn.Module:
             f"convert: nothing in {type(prepared).__name__} was quantized; "
             f"layers left in float: {', '.join(_float_layers(int8_model)) or 'none'}"
         )
-    run_or_explain(int8_model, info.example_inputs, f"convert ({info.mode} mode, int8 run)")
+    int8_output = run_or_explain(int8_model, info.example_inputs, f"convert ({info.mode} mode, int8 run)")
+    _check_close_to_prepared(reference_model, int8_output, info)
     return int8_model
+
+
+def _max_relative_deviation(reference, output) -> float:
+    if isinstance(reference, (tuple, list)):
+        return max(_max_relative_deviation(r, o) for r, o in zip(reference, output))
+    scale = float(reference.abs().max())
+    return float((reference - output).abs().max()) / scale if scale > 0 else float((output != 0).any())
+
+
+def _check_close_to_prepared(prepared_copy: nn.Module, int8_output, info) -> None:
+    """Refuse an int8 model that computes something else than the model it came from."""
+    with torch.no_grad(), _ao.quiet():
+        reference = prepared_copy(*info.example_inputs)  # a copy: its observers may move
+    deviation = _max_relative_deviation(reference, int8_output)
+    if deviation > _GROSS_DEVIATION:
+        raise QuantizationError(
+            f"convert: on the example input the int8 model's output differs from the float "
+            f"model's by {deviation:.0%} of its range (backend {info.backend!r}, {info.mode} mode): "
+            f"either the observers' ranges do not fit the data (calibrate on data like the "
+            f"example input) or an int8 kernel of this backend computes wrong results "
+            f"(known: qnnpack's hardtanh/ReLU6 after a convolution; use backend 'x86' or 'fbgemm')"
+        )

@@ -49,22 +49,20 @@ def _matches(modules, pattern) -> bool:
     )
 
 
-def _candidate_fusions(model: nn.Module):
-    """Runs of consecutive children (in definition order) that fit a fusion pattern."""
-    candidates = []
+def _fusion_options(model: nn.Module):
+    """For each run of consecutive children (definition order) that fits a pattern: the
+    module-path groups it could fuse to, longest first."""
     for parent_path, parent in model.named_modules():
+        prefix = f"{parent_path}." if parent_path else ""
         children = list(parent.named_children())
-        index = 0
-        while index < len(children):
+        for index in range(len(children)):
+            options = []
             for pattern in _FUSION_PATTERNS:
                 run = children[index : index + len(pattern)]
                 if _matches([module for _, module in run], pattern):
-                    prefix = f"{parent_path}." if parent_path else ""
-                    candidates.append([prefix + name for name, _ in run])
-                    index += len(pattern) - 1
-                    break
-            index += 1
-    return candidates
+                    options.append([prefix + name for name, _ in run])
+            if options:
+                yield options
 
 
 def _same_output(reference, output) -> bool:
@@ -75,19 +73,26 @@ def _same_output(reference, output) -> bool:
 
 
 def safe_fusions(model: nn.Module, example_inputs: tuple):
-    """The candidate fusions that leave the eval-mode output unchanged.
+    """The fusions that leave the eval-mode output unchanged.
 
     Definition order is only a guess at execution order (and a ReLU module may be
-    shared), so each fusion is kept only if the fused model computes the same thing.
+    shared), so a fusion is kept only if the fused model still computes the same thing;
+    if conv-bn-relu changes the output, conv-bn is tried instead.
     """
-    reference_model = copy.deepcopy(model).eval()
+    fused = copy.deepcopy(model).eval()
+    accepted, taken = [], set()
     with torch.no_grad():
-        reference = forward_quant(reference_model, example_inputs)
-        accepted = []
-        for group in _candidate_fusions(reference_model):
-            fused = _ao.fuse_modules(copy.deepcopy(reference_model), [group])
-            if _same_output(reference, forward_quant(fused, example_inputs)):
-                accepted.append(group)
+        reference = forward_quant(fused, example_inputs)
+        for options in list(_fusion_options(fused)):
+            for group in options:
+                if taken.intersection(group):
+                    continue
+                trial = _ao.fuse_modules(fused, [group])
+                if _same_output(reference, forward_quant(trial, example_inputs)):
+                    fused = trial
+                    accepted.append(group)
+                    taken.update(group)
+                    break
     return accepted
 
 
