@@ -1,4 +1,4 @@
-"""The one door to torch.ao.quantization.
+"""The one door to torch.ao.quantization (and its deprecation warnings).
 
 torch.ao.quantization is deprecated (torchao's pt2e flow replaces it) but it is the
 flow that gives fast int8 CPU models without a C++ compiler. Every entry point the
@@ -44,6 +44,9 @@ _DEPRECATION_NOISE = (
     # the C++ warning about torch.quint8 / torch.qint8 tensors
     (UserWarning, r".*quantized tensor creation functions.*deprecated"),
     (UserWarning, r".*(quint8|qint8).*deprecated"),
+    # TorchScript, the format an int8 model of torch.ao is saved in, is deprecated too
+    (FutureWarning, r"`torch\.jit\.\w+` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.\w+` is deprecated"),
     # the default qconfigs still pass reduce_range
     (UserWarning, r"Please use quant_min and quant_max"),
 )

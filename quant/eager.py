@@ -27,20 +27,20 @@ _FUSION_PATTERNS = (
 
 
 class EagerQuantWrapper(nn.Module):
-    """Quantizes every input on the way in and dequantizes the output(s) on the way out."""
+    """Quantizes the input on the way in and dequantizes the output on the way out.
 
-    def __init__(self, model: nn.Module, num_inputs: int):
+    One tensor in, one tensor out, no *args: TorchScript can then script it, which
+    keeps the user's data-dependent control flow in the saved file.
+    """
+
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.quant_inputs = nn.ModuleList(_ao.QuantStub() for _ in range(num_inputs))
+        self.quant = _ao.QuantStub()
         self.model = model
         self.dequant = _ao.DeQuantStub()
 
-    def forward(self, *inputs):
-        quantized = [stub(x) for stub, x in zip(self.quant_inputs, inputs)]
-        output = self.model(*quantized)
-        if isinstance(output, (tuple, list)):
-            return type(output)(self.dequant(item) for item in output)
-        return self.dequant(output)
+    def forward(self, x):
+        return self.dequant(self.model(self.quant(x)))
 
 
 def _matches(modules, pattern) -> bool:
@@ -106,7 +106,12 @@ def _check_runs_quantized(prepared: EagerQuantWrapper, example_inputs: tuple, op
 def prepare_eager(model: nn.Module, example_inputs: tuple, backend: str, qat: bool) -> nn.Module:
     """Wrap, fuse, attach observers (or fake quantization) and test the int8 run."""
     operation = "prepare_qat" if qat else "prepare_ptq"
-    wrapper = EagerQuantWrapper(model, len(example_inputs))
+    if len(example_inputs) != 1:
+        raise QuantizationError(
+            f"{operation}: torch.fx cannot trace {type(model).__name__}, and the eager-mode "
+            f"fallback takes models with one input tensor (got {len(example_inputs)})"
+        )
+    wrapper = EagerQuantWrapper(model)
     fusions = [[f"model.{name}" for name in group] for group in safe_fusions(model, example_inputs)]
     if qat:
         wrapper.train()
