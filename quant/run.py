@@ -1,6 +1,7 @@
 """Running float, prepared and int8 models; calibration; QAT freezing."""
 
 import contextlib
+import itertools
 import linecache
 import re
 import traceback
@@ -21,7 +22,7 @@ _NO_INT8_KERNEL_HINT = (
 
 
 def _model_device_and_dtype(model: nn.Module):
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32  # int8 models hold no float tensors

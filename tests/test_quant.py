@@ -1,6 +1,7 @@
 """quant/'s interface: federated calibration, QAT state, results, the torch.ao boundary."""
 
 import copy
+import importlib
 import subprocess
 import sys
 import warnings
@@ -13,16 +14,25 @@ import quant
 from tests.test_quant_models import BnResidualNet, BranchingNet, LeNet, image_batches
 
 
-def test_the_torch_ao_entry_points_quant_uses_still_exist():
+_AO_ENTRY_POINTS = {
+    "torch.ao.quantization": ["convert", "prepare", "prepare_qat", "fuse_modules", "fuse_modules_qat",
+                              "disable_observer", "get_default_qconfig", "get_default_qat_qconfig",
+                              "get_default_qconfig_mapping", "get_default_qat_qconfig_mapping",
+                              "QuantStub", "DeQuantStub"],
+    "torch.ao.quantization.quantize_fx": ["prepare_fx", "prepare_qat_fx", "convert_fx"],
+    "torch.ao.quantization.fx.tracer": ["QuantizationTracer"],
+    "torch.ao.quantization.observer": ["ObserverBase", "HistogramObserver"],
+    "torch.ao.quantization.fake_quantize": ["FakeQuantizeBase"],
+    "torch.ao.nn.intrinsic.qat": ["freeze_bn_stats"],
+}
+
+
+@pytest.mark.parametrize("module_name", sorted(_AO_ENTRY_POINTS))
+def test_the_torch_ao_entry_points_quant_uses_still_exist(module_name):
     # fails the day torch removes the deprecated API (then: move quant/ to torchao's pt2e)
-    from torch.ao.quantization import convert, fuse_modules, fuse_modules_qat, prepare, prepare_qat  # noqa: F401
-    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping  # noqa: F401
-    from torch.ao.quantization.fx.tracer import QuantizationTracer  # noqa: F401
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx  # noqa: F401
-
-    from quant import _ao
-
-    assert callable(_ao.prepare_fx) and callable(_ao.eager_prepare_qat)
+    module = importlib.import_module(module_name)
+    for name in _AO_ENTRY_POINTS[module_name]:
+        assert callable(getattr(module, name, None)), f"{module_name}.{name} is gone"
 
 
 def test_no_deprecation_warning_escapes():
