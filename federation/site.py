@@ -31,6 +31,7 @@ class Site:
     round: int = 0
     rounds: list = field(default_factory=list)             # this site's figures per round
     federation_rounds: list = field(default_factory=list)  # coordinator: federation-wide figures
+    optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
     prepared: torch.nn.Module = None  # the model with observers (PTQ) or fake quantization (QAT)
     int8_model: torch.nn.Module = None
     predictions: dict = field(default_factory=dict)
@@ -92,6 +93,7 @@ class Site:
             first, freeze_bn, freeze_observers = self.config.qat_schedule()
             if self.round == first:
                 self.prepared = quant.prepare_qat(self.model, self.example_inputs, self.config.backend)
+                self.optimizer = None  # the QAT model has new parameter objects
             if self.round >= first:
                 quant.freeze_qat(self.prepared, observers=self.round >= freeze_observers,
                                  batchnorm=self.round >= freeze_bn)
@@ -111,13 +113,23 @@ class Site:
     def train_round(self):
         """Train the global model on this site's data; return loss/accuracy on the train set."""
         call_train_function(self.train_function, self.trained_model, self.train_loader,
-                            self.config.epochs, self.config.learning_rate)
+                            self.config.epochs, self.config.learning_rate,
+                            optimizer=self.round_optimizer())
         # Measured the same way for the app's own loop and for custom train functions.
         result = evaluate(self.trained_model, self.train_loader)
         row = {"round": self.round, "train_loss": result.loss, "train_accuracy": result.accuracy,
                "test_loss": None, "test_accuracy": None}
         self.rounds.append(row)
         return {"train_loss": result.loss, "train_accuracy": result.accuracy}
+
+    def round_optimizer(self):
+        """Adam for this round: the site's kept one (global weights are loaded in place, so
+        its references stay valid), or None for a fresh one per round."""
+        if not self.config.keep_optimizer_state:
+            return None
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.trained_model.parameters(), lr=self.config.learning_rate)
+        return self.optimizer
 
     def evaluate_global(self):
         """Evaluate the just-received global model on this site's test set."""

@@ -36,6 +36,8 @@ class AppConfig:
     seed: int = 42
     calibration_batches: int = 32
     train_function: str | None = None
+    # Keep each site's optimizer (Adam's moments) across rounds instead of a fresh one per round.
+    keep_optimizer_state: bool = True
     # Quantization-aware training (quant_type: qat): rounds of float training before the
     # fake-quantized ones, and the rounds from which BatchNorm statistics and observers are
     # frozen (None: PyTorch's recipe, see `qat_schedule`).
@@ -82,6 +84,7 @@ _RULES = {
     "seed": ((int,), lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
     "calibration_batches": _POSITIVE_INT,
     "train_function": ((str, type(None)), lambda v: v is None or v.endswith(".py"), "the name of a .py file in the input dir"),
+    "keep_optimizer_state": ((bool,), lambda v: True, "true or false"),
     "qat_warmup_rounds": ((int,), lambda v: v >= 0, "an integer >= 0"),
     "qat_freeze_bn_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
     "qat_freeze_observers_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
@@ -137,5 +140,6 @@ def _app_section(document, path):
 def _check_value(key, value, path):
     types, check, demand = _RULES[key]
     # bool is an int in Python; `batch_size: true` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, types) or not check(value):
+    wrong_bool = isinstance(value, bool) and bool not in types
+    if wrong_bool or not isinstance(value, types) or not check(value):
         raise InputError(path, f"must be {demand}, got {value!r}", key=key)
