@@ -29,10 +29,14 @@ class FederatedState(AppState):
         return self.load("site")
 
     def send_to_coordinator(self, memo, tensors=None, **meta):
-        self.send_data_to_coordinator(payload.encode(tensors or {}, meta), memo=memo)
+        data = payload.encode(tensors or {}, meta)
+        self.site.bytes_sent[memo] = len(data)
+        self.send_data_to_coordinator(data, memo=memo)
 
     def broadcast(self, memo, tensors=None, **meta):
-        self.broadcast_data(payload.encode(tensors or {}, meta), memo=memo)
+        data = payload.encode(tensors or {}, meta)
+        self.site.bytes_sent[memo] = len(data)
+        self.broadcast_data(data, memo=memo)
 
     def gather(self, memo):
         """Coordinator: [(sender, tensors, meta)] from every site, in client order."""

@@ -3,6 +3,9 @@
 Plain PyTorch: the states decide who talks to whom; this class loads and checks the inputs,
 trains a round, evaluates, and prepares, calibrates and converts the model to int8.
 """
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,16 @@ class Site:
     prepared: torch.nn.Module = None  # the model with observers (PTQ) or fake quantization (QAT)
     int8_model: torch.nn.Module = None
     predictions: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=lambda: defaultdict(float))  # compute time by activity
+    bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
+
+    @contextmanager
+    def timed(self, activity):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[activity] += time.perf_counter() - started
 
     # ---- inputs -------------------------------------------------------------------------
     @classmethod
@@ -112,11 +125,13 @@ class Site:
 
     def train_round(self):
         """Train the global model on this site's data; return loss/accuracy on the train set."""
-        call_train_function(self.train_function, self.trained_model, self.train_loader,
-                            self.config.epochs, self.config.learning_rate,
-                            optimizer=self.round_optimizer())
+        with self.timed("train"):
+            call_train_function(self.train_function, self.trained_model, self.train_loader,
+                                self.config.epochs, self.config.learning_rate,
+                                optimizer=self.round_optimizer())
         # Measured the same way for the app's own loop and for custom train functions.
-        result = evaluate(self.trained_model, self.train_loader)
+        with self.timed("evaluate"):
+            result = evaluate(self.trained_model, self.train_loader)
         row = {"round": self.round, "train_loss": result.loss, "train_accuracy": result.accuracy,
                "test_loss": None, "test_accuracy": None}
         self.rounds.append(row)
@@ -133,7 +148,8 @@ class Site:
 
     def evaluate_global(self):
         """Evaluate the just-received global model on this site's test set."""
-        result = evaluate(self.trained_model, self.test_loader)
+        with self.timed("evaluate"):
+            result = evaluate(self.trained_model, self.test_loader)
         self.rounds[-1].update(test_loss=result.loss, test_accuracy=result.accuracy)
         return {"test_loss": result.loss, "test_accuracy": result.accuracy,
                 "n_test": self.test_info.n}
@@ -143,10 +159,11 @@ class Site:
         """post_static: observers run on this site's train data; QAT: observers already merged."""
         if self.is_qat:
             return {}
-        self.prepared = quant.prepare_ptq(self.model, self.example_inputs, self.config.backend)
-        batches = (inputs for inputs, _ in self.train_loader)
-        quant.calibrate(self.prepared, batches, self.config.calibration_batches)
-        return quant.observer_stats(self.prepared)
+        with self.timed("quantize"):
+            self.prepared = quant.prepare_ptq(self.model, self.example_inputs, self.config.backend)
+            batches = (inputs for inputs, _ in self.train_loader)
+            quant.calibrate(self.prepared, batches, self.config.calibration_batches)
+            return quant.observer_stats(self.prepared)
 
     @staticmethod
     def merge_calibration(stats_per_site):
@@ -154,10 +171,11 @@ class Site:
 
     def convert(self, merged_stats):
         """Convert to int8 with the federation's quantization parameters."""
-        if merged_stats:
-            quant.load_observer_stats(self.prepared, merged_stats)
-        quant.set_engine(self.config.backend)
-        self.int8_model = quant.convert(self.prepared)
+        with self.timed("quantize"):
+            if merged_stats:
+                quant.load_observer_stats(self.prepared, merged_stats)
+            quant.set_engine(self.config.backend)
+            self.int8_model = quant.convert(self.prepared)
         return self.int8_model
 
     @property
@@ -170,7 +188,8 @@ class Site:
     def final_results(self):
         """fp32 vs int8 on this site's test set: accuracy, loss, size, latency."""
         batch = next(iter(self.test_loader))[0]
-        figures = {"n_train": self.train_info.n, "n_test": self.test_info.n}
+        figures = {"n_train": self.train_info.n, "n_test": self.test_info.n,
+                   "seconds": dict(self.seconds)}
         for precision, model in (("fp32", self.float_model), ("int8", self.int8_model)):
             result = evaluate(model, self.test_loader)
             self.predictions[precision] = result.y_pred

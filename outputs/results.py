@@ -11,7 +11,7 @@ from inputs.config import CONFIG_FILE
 from outputs.predictions import write_predictions
 from outputs.report import write_report
 
-ROUND_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+FIGURES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
 def write_results(output_dir, site, results, federation, site_info):
@@ -41,22 +41,30 @@ def build_metrics(site, results, federation, site_info):
         "quantization_mode": quant.mode_of(site.prepared),
         "n_train": results["n_train"],
         "n_test": results["n_test"],
-        "rounds": site.rounds,
+        "rounds": [{**row, "bytes_sent": _round_bytes(site.bytes_sent, row["round"])} for row in site.rounds],
         "fp32": results["fp32"],
         "int8": results["int8"],
+        "seconds": results["seconds"],
+        "bytes_sent": {"total": sum(site.bytes_sent.values()), "by_memo": site.bytes_sent},
         "federation": {**federation["figures"], "rounds": federation["rounds"]},
         "config": site.config.to_dict(),
     }
 
 
+def _round_bytes(bytes_by_memo, round_number):
+    """Bytes this site sent in one round: its update, its test figures (coordinator: the model)."""
+    return sum(size for memo, size in bytes_by_memo.items() if memo.endswith(f"_{round_number}"))
+
+
 def write_rounds_csv(path, rounds, federation_rounds):
     """One row per round: this site's figures, then the federation-wide ones."""
     federation_by_round = {row["round"]: row for row in federation_rounds}
-    header = list(ROUND_COLUMNS) + [f"federation_{name}" for name in ROUND_COLUMNS[1:]]
+    columns = ("round", *FIGURES, "bytes_sent")
+    header = list(columns) + [f"federation_{name}" for name in FIGURES]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row in rounds:
             federation_row = federation_by_round.get(row["round"], {})
-            writer.writerow([row[name] for name in ROUND_COLUMNS]
-                            + [federation_row.get(name) for name in ROUND_COLUMNS[1:]])
+            writer.writerow([row[name] for name in columns]
+                            + [federation_row.get(name) for name in FIGURES])
