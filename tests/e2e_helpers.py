@@ -43,3 +43,35 @@ def accuracy_of(model, dataset_file):
     with torch.no_grad():
         predictions = model(inputs).argmax(dim=1)
     return (predictions == labels).float().mean().item()
+
+
+def make_generic(target, overrides=None, extra_files=None):
+    """A copy of the sample's generic dir with config overrides and extra files."""
+    import shutil
+
+    import yaml
+
+    target = Path(target)
+    shutil.copytree(SAMPLE / "generic", target)
+    document = yaml.safe_load((target / "config.yml").read_text())
+    document["fc_quantization"].update(overrides or {})
+    (target / "config.yml").write_text(yaml.safe_dump(document))
+    for name, text in (extra_files or {}).items():
+        (target / name).write_text(text)
+    return target
+
+
+def make_client(target, source=SAMPLE_CLIENTS[0], files=None):
+    """A copy of a sample client dir with files replaced or added (name -> bytes or text)."""
+    import shutil
+
+    target = Path(target)
+    shutil.copytree(source, target)
+    for name, content in (files or {}).items():
+        path = target / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return target
+
+
+# Short runs for tests that need the real app but not its accuracy.
+QUICK = {"max_iter": 2, "epochs": 1, "calibration_batches": 4}
