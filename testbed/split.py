@@ -47,16 +47,11 @@ GENERIC_DIR = "generic"
 # Enough for a train and a test split and a few batches' worth of statistics.
 MIN_SITE_SAMPLES = 10
 DIRICHLET_ATTEMPTS = 1000
-# Like the bundled sample's config.yml; the file keys are filled in by write_client_dirs.
-DEFAULT_CONFIG = {
-    "batch_size": 32,
-    "learning_rate": 0.001,
-    "epochs": 2,
-    "max_iter": 5,
-    "backend": "x86",
-    "quant_type": "post_static",
-    "seed": 42,
-}
+# The bundled sample's settings (one source: its config.yml); write_client_dirs fills in the file keys.
+SAMPLE_CONFIG = REPO_ROOT / "data" / "sample" / "generic" / "config.yml"
+DEFAULT_CONFIG = {key: value for key, value in
+                  yaml.safe_load(SAMPLE_CONFIG.read_text())["fc_quantization"].items()
+                  if key not in ("model", "train_dataset", "test_dataset")}
 LOAD_BATCH = 1024
 
 
