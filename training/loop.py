@@ -8,8 +8,11 @@ It must define
     def train(model, train_loader, epochs, learning_rate): ...
 
 and may also accept `optimizer=None` (the app then passes one optimizer per site that lives
-across rounds, so Adam's moments are not reset every round) and `device="cpu"`. Copy `train`
-below as a starting point. Two rules:
+across rounds, so Adam's moments are not reset every round), `device="cpu"` (where to train:
+the app moves the model there and back), and `mu=0.0, global_weights=None` (FedProx: with
+`mu: 0.01` in config.yml the app passes the round's global parameters by name; add
+`proximal_term(model, global_weights, mu)` to the loss). Copy `train` below as a starting
+point. Two rules:
 
 * Call the model through `forward_quant(model, inputs)`, not `model(inputs)`: with
   `quant_type: qat` the model is prepared for quantization-aware training, and `forward_quant`
@@ -25,14 +28,21 @@ from torch import nn
 from quant import forward_quant
 
 
-def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu") -> dict:
-    """Train `model` in place for `epochs` passes over `train_loader` with Adam and cross-entropy.
+def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu",
+          mu=0.0, global_weights=None) -> dict:
+    """Train `model` in place for `epochs` passes over `train_loader` with Adam and cross-entropy
+    (+ FedProx's proximal term when `mu` > 0: `global_weights` then maps parameter names to the
+    round's global values).
 
     Returns {"loss": mean loss per sample in the last epoch, "accuracy": its training accuracy}.
     """
     if epochs < 1:
         raise ValueError(f"train: epochs must be >= 1, got {epochs}")
+    if mu > 0 and global_weights is None:
+        raise ValueError("train: mu > 0 (FedProx) needs global_weights")
     model.to(device)
+    if mu > 0:
+        global_weights = {name: value.to(device) for name, value in global_weights.items()}
     model.train()  # dropout and batch-norm in training behaviour
     if optimizer is None:
         # A fresh optimizer per call. The app passes its own to keep Adam's state across rounds.
@@ -47,7 +57,8 @@ def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cp
             optimizer.zero_grad()
             logits = forward_quant(model, inputs)  # not model(inputs): see the module docstring
             loss = loss_function(logits, labels)
-            loss.backward()
+            objective = loss + proximal_term(model, global_weights, mu) if mu > 0 else loss
+            objective.backward()
             optimizer.step()
             # Weight each batch by its size: the last batch is usually smaller.
             loss_sum += loss.item() * len(labels)
@@ -57,6 +68,14 @@ def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cp
     if seen == 0:
         raise ValueError("train: the train loader yielded no samples")
     return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+def proximal_term(model, global_weights, mu):
+    """FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 over the trainable parameters,
+    which keeps a site's model near the round's global model on skewed data."""
+    squared = sum((parameter - global_weights[name]).square().sum()
+                  for name, parameter in model.named_parameters() if parameter.requires_grad)
+    return 0.5 * mu * squared
 
 
 @dataclass

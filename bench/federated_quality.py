@@ -1,0 +1,189 @@
+"""Centralized vs federated fp32 accuracy on the sample data, per aggregation and communication.
+
+    python -m bench.federated_quality [--seeds N] [--out bench/results/federated_quality.json]
+        [--settings iid-3,dirichlet-3,...] [--variants fedavg,fedprox,...]
+
+The sample's 5,000 digits (its train and test tensors pooled) are re-split with
+`testbed.split.split_dataset` (20 % of each site held out for testing) into IID and
+Dirichlet(0.5) label-skewed federations of 3 and 5 sites. Every run uses the sample's
+config.yml (LeNet, batch 32, Adam lr 0.002, 2 epochs x 5 rounds) and is evaluated on the union
+of the sites' test splits (the federation's weighted test accuracy). Centralized: one site
+holding the union of the train splits, the same 10 epochs. Each figure: mean and sample
+standard deviation over the seeds (seed s: split seed s, config seed 42 + s).
+
+The federation runs in one process with the app's own pieces in the order the states use
+them (Site, federated_average, ServerOptimizer, int8 messages through federation.payload),
+so the bytes per round are the bytes the app sends.
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.simulate import site_dirs
+from federation import payload
+from federation.aggregate import federated_average
+from federation.server_optimizer import ServerOptimizer
+from federation.site import Site
+from federation.summary import federation_round
+from testbed.split import split_dataset, write_client_dirs
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+DEFAULT_OUT = ROOT / "bench" / "results" / "federated_quality.json"
+SETTINGS = {  # name -> (split scheme, number of sites)
+    "iid-3": ("iid", 3), "iid-5": ("iid", 5),
+    "dirichlet-3": ("dirichlet", 3), "dirichlet-5": ("dirichlet", 5),
+}
+ALPHA = 0.5
+# Aggregation variants: config overrides on top of the sample's config.yml.
+VARIANTS = {
+    "fedavg": {"aggregation": "fedavg"},
+    "fedavgm": {"aggregation": "fedavgm"},
+    "fedadam": {"aggregation": "fedadam"},
+    "fedprox": {"aggregation": "fedavg", "mu": 0.01},
+}
+COMMUNICATIONS = ("float32", "int8")
+GOALS = {"skewed_gap": 1.0, "iid_gap": 0.3, "int8_gap": 0.3}  # accuracy points
+
+
+def sample_config():
+    document = yaml.safe_load((SAMPLE / "generic" / "config.yml").read_text())
+    return dict(document.get("fc_quantization", document))
+
+
+def pooled_sample():
+    """The sample's 5,000 digits: every client's train and test tensors, concatenated."""
+    parts = [torch.load(path, weights_only=True)
+             for path in sorted(SAMPLE.glob("client_*/*_dataset.pth"))]
+    return torch.cat([inputs for inputs, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def write_setting(inputs, labels, setting, seed, config, out_dir):
+    """Client dirs of one split, plus `central/`: one site with the union of the train splits."""
+    scheme, n_sites = SETTINGS[setting]
+    splits = split_dataset(inputs, labels, n_sites, scheme=scheme, alpha=ALPHA, seed=seed)
+    model_file = SAMPLE / "generic" / config["model"]
+    write_client_dirs(splits, out_dir / "federated", model_file, config)
+    pooled = [torch.cat([split[part] for split in splits]) for part in range(4)]
+    write_client_dirs([tuple(pooled)], out_dir / "central", model_file, config)
+    return out_dir / "federated", out_dir / "central"
+
+
+def load_sites(federation_dir, overrides):
+    """Site objects for every client dir merged with generic/ and `overrides` (as the testbed does)."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        clients = sorted(federation_dir.glob("client_*"))
+        return [Site.load(d) for d in site_dirs(clients, federation_dir / "generic", overrides, work_dir)]
+
+
+def run_federation(sites):
+    """Rounds as the states run them; returns final test accuracy and bytes per round."""
+    coordinator = sites[0]
+    server = ServerOptimizer.from_config(coordinator.config)
+    start = payload.encode(coordinator.update_tensors(), {"round": 0})
+    for site in sites:
+        site.load_global(payload.decode(start, "coordinator")[0])
+    rows, uplink, downlink = [], [], []
+    for round_number in range(1, coordinator.config.max_iter + 1):
+        updates, metas = [], []
+        for index, site in enumerate(sites):
+            site.start_round()
+            meta = {**site.train_round(), "n_train": site.n_train}
+            data = payload.encode(site.update_message(), meta)
+            uplink.append(len(data))
+            updates.append(coordinator.read_update(payload.decode(data, index)[0], index))
+            metas.append(meta)
+        averaged = federated_average(updates, [meta["n_train"] for meta in metas])
+        next_global = server.step(coordinator.global_tensors, averaged, coordinator.parameter_names())
+        data = payload.encode(coordinator.global_message(next_global), {"round": round_number})
+        downlink.append(len(data))
+        tests = []
+        for site in sites:
+            site.load_global(payload.decode(data, "coordinator")[0])
+            tests.append(site.evaluate_global())
+        rows.append(federation_round(round_number, metas, tests))
+    return {"accuracy": rows[-1]["test_accuracy"],
+            "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
+            # What crosses the network per round: every site's update + the broadcast to each.
+            "bytes_per_round": (sum(uplink) + len(sites) * sum(downlink)) / len(downlink)}
+
+
+def run_seed(inputs, labels, setting, seed, variants, work_dir):
+    """{run name: figures} for one split: centralized, then each variant x communication."""
+    config = {**sample_config(), "seed": 42 + seed}
+    federation_dir, central_dir = write_setting(inputs, labels, setting, seed, config, work_dir)
+    results = {"centralized": run_federation(load_sites(central_dir, {}))}
+    for variant in variants:
+        for communication in COMMUNICATIONS:
+            overrides = {**VARIANTS[variant], "communication": communication}
+            results[f"{variant}/{communication}"] = run_federation(load_sites(federation_dir, overrides))
+    return results
+
+
+def summarize(values):
+    return {"mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
+
+
+def run_benchmark(n_seeds, settings, variants, log=print):
+    inputs, labels = pooled_sample()
+    per_setting = {}
+    for setting in settings:
+        per_seed = []
+        for seed in range(n_seeds):
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as work_dir:
+                per_seed.append(run_seed(inputs, labels, setting, seed, variants, Path(work_dir)))
+            log(f"  {setting} seed {seed}: {time.perf_counter() - started:.0f} s")
+        per_setting[setting] = {
+            run: {figure: summarize([seed_results[run][figure] for seed_results in per_seed])
+                  for figure in ("accuracy", "bytes_per_round", "update_bytes", "global_bytes")}
+            for run in per_seed[0]}
+    return {"alpha": ALPHA, "seeds": n_seeds, "variants": {v: VARIANTS[v] for v in variants},
+            "config": sample_config(), "settings": per_setting, "goals": GOALS}
+
+
+def table(results):
+    lines = [f"{'setting':<12} {'run':<18} {'accuracy %':>16} {'vs central':>10} "
+             f"{'int8 vs float':>13} {'bytes/round':>12}"]
+    for setting, runs in results["settings"].items():
+        central = runs["centralized"]["accuracy"]["mean"]
+        for run, figures in runs.items():
+            accuracy = figures["accuracy"]
+            float_run = runs.get(run.replace("/int8", "/float32"))
+            versus_float = (f"{100 * (accuracy['mean'] - float_run['accuracy']['mean']):+.2f}"
+                            if run.endswith("/int8") else "")
+            lines.append(f"{setting:<12} {run:<18} {100 * accuracy['mean']:>8.2f} +- "
+                         f"{100 * accuracy['std']:<4.2f} {100 * (accuracy['mean'] - central):>+10.2f} "
+                         f"{versus_float:>13} {figures['bytes_per_round']['mean']:>12,.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args(argv)
+    settings, variants = args.settings.split(","), args.variants.split(",")
+    for name, known in ((settings, SETTINGS), (variants, VARIANTS)):
+        unknown = [n for n in name if n not in known]
+        if unknown:
+            parser.error(f"unknown {unknown}; known: {', '.join(known)}")
+    torch.set_num_threads(1)  # LeNet on batches of 32: one thread is fastest and leaves a core free
+    results = run_benchmark(args.seeds, settings, variants)
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
