@@ -1,7 +1,8 @@
 """Int8 quantization of a user's PyTorch CNN (plain PyTorch; torch.ao lives only here).
 
 Post-training static quantization: prepare_ptq -> calibrate -> convert.
-Quantization-aware training:       prepare_qat -> train (forward_quant) -> freeze_qat -> convert.
+Quantization-aware training:       prepare_qat -> train (forward_quant) -> freeze_qat -> convert;
+                                   to_float_model gives the trained float weights in the user's class.
 Across sites: observer_stats -> merge_observer_stats -> load_observer_stats before convert;
 float_state / load_float_state carry what federated averaging averages.
 """
@@ -9,6 +10,7 @@ float_state / load_float_state carry what federated averaging averages.
 from .convert import convert
 from .engine import BACKENDS, QUANT_TYPES, mode_of, set_engine
 from .errors import QuantizationError
+from .float_model import to_float_model
 from .prepare import prepare_ptq, prepare_qat
 from .results import latency_ms, save_torchscript, state_dict_size_bytes
 from .run import calibrate, forward_quant, freeze_qat
@@ -34,4 +36,5 @@ __all__ = [
     "save_torchscript",
     "set_engine",
     "state_dict_size_bytes",
+    "to_float_model",
 ]

@@ -115,10 +115,12 @@ def prepare_eager(model: nn.Module, example_inputs: tuple, backend: str, qat: bo
     fusions = [[f"model.{name}" for name in group] for group in safe_fusions(model, example_inputs)]
     if qat:
         wrapper.train()
+        # in place: the wrapper holds the caller's copy, and quant.to_float_model maps the
+        # trained tensors back by identity
         if fusions:
-            wrapper = _ao.fuse_modules_qat(wrapper, fusions)
+            wrapper = _ao.fuse_modules_qat(wrapper, fusions, inplace=True)
         wrapper.qconfig = _ao.get_default_qat_qconfig(backend)
-        prepared = _ao.eager_prepare_qat(wrapper)
+        prepared = _ao.eager_prepare_qat(wrapper, inplace=True)
     else:
         wrapper.eval()
         if fusions:

@@ -31,6 +31,8 @@ class QuantInfo:
     mode: str  # "fx" or "eager"
     backend: str
     example_inputs: tuple  # CPU copies, to test-run the converted model
+    # prepared state key -> the user's model's state keys it came from (see float_model.py)
+    float_names: dict = dataclasses.field(default_factory=dict)
 
 
 def attach_info(model: nn.Module, info: QuantInfo) -> None:

@@ -13,7 +13,9 @@ from torch import nn
 from . import _ao
 from .eager import prepare_eager
 from .engine import QuantInfo, attach_info, set_engine
+from .run import observe_only_in_training
 from .errors import QuantizationError
+from .float_model import float_names_by_storage, prepared_to_float_names
 
 
 def _check_example_inputs(example_inputs, operation: str) -> tuple:
@@ -45,6 +47,7 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
     cpu_examples = _check_example_inputs(example_inputs, operation)
     model = copy.deepcopy(model)
     model.train(qat)
+    names_by_storage = float_names_by_storage(model)  # preparation keeps these tensor objects
     trace_failure = _fx_trace_failure(model)
     if trace_failure is None:
         mode = "fx"
@@ -62,7 +65,11 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
         mode = "eager"
         prepared = prepare_eager(model, cpu_examples, backend, qat)
     prepared.train(qat)
-    attach_info(prepared, QuantInfo(mode=mode, backend=backend, example_inputs=cpu_examples))
+    if qat:
+        observe_only_in_training(prepared)
+    float_names = prepared_to_float_names(prepared, names_by_storage)
+    attach_info(prepared, QuantInfo(mode=mode, backend=backend, example_inputs=cpu_examples,
+                                    float_names=float_names))
     return prepared
 
 

@@ -79,6 +79,27 @@ def freeze_qat(prepared: nn.Module, observers: bool = True, batchnorm: bool = Tr
         prepared.apply(_ao.freeze_bn_stats)
 
 
+def _pause_observer_in_eval(fake_quant: nn.Module, _inputs) -> None:
+    if not fake_quant.training and bool(fake_quant.observer_enabled[0]):
+        fake_quant.observer_enabled[0] = 0
+        fake_quant.__dict__["_observer_paused"] = True
+
+
+def _resume_observer(fake_quant: nn.Module, _inputs, _output) -> None:
+    if fake_quant.__dict__.pop("_observer_paused", False):
+        fake_quant.observer_enabled[0] = 1
+
+
+def observe_only_in_training(prepared_qat: nn.Module) -> None:
+    """Evaluating a QAT model (eval mode) must not move its quantization ranges: ranges fitted
+    to test data would leak it into the int8 model, and each site's test set would pull its
+    ranges apart from the federation's. Training mode observes as the schedule says."""
+    for module in prepared_qat.modules():
+        if isinstance(module, _ao.FakeQuantizeBase):
+            module.register_forward_pre_hook(_pause_observer_in_eval)
+            module.register_forward_hook(_resume_observer, always_call=True)
+
+
 @contextlib.contextmanager
 def _module_stack(model: nn.Module):
     """Track which modules are executing, to name the one a failure happened in."""
