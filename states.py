@@ -12,8 +12,9 @@ from FeatureCloud.app.engine.app import AppState, Role, State, app_state
 
 from federation import engine, payload
 from federation.aggregate import check_update, federated_average
+from federation.server_optimizer import ServerOptimizer
 from federation.site import Site
-from federation.summary import check_sites_fit, federation_results, federation_round
+from federation.summary import check_report, check_sites_fit, federation_results, federation_round
 from outputs.results import write_results
 from webui import live_status
 
@@ -38,15 +39,27 @@ class FederatedState(AppState):
         self.site.bytes_sent[memo] = len(data)
         self.broadcast_data(data, memo=memo)
 
-    def gather(self, memo):
-        """Coordinator: [(sender, tensors, meta)] from every site, in client order."""
+    def gather(self, memo, kind=None):
+        """Coordinator: [(sender, tensors, meta)] from every site, in client order; with `kind`,
+        each site's metadata is checked to be that kind of report."""
         received = engine.receive(self, memo, n=len(self.clients))
-        return [(piece.sender, *payload.decode(piece.data, piece.sender)) for piece in received]
+        decoded = [(piece.sender, *payload.decode(piece.data, piece.sender)) for piece in received]
+        if kind:
+            for sender, _, meta in decoded:
+                check_report(kind, meta, sender)
+        return decoded
 
     def await_broadcast(self, memo):
         """(tensors, meta) of the coordinator's broadcast under `memo`."""
         (piece,) = engine.receive(self, memo, n=1)
         return payload.decode(piece.data, piece.sender)
+
+    def receive_global(self, memo):
+        """Load the coordinator's global model, once it is checked against the local one."""
+        (piece,) = engine.receive(self, memo, n=1)
+        tensors, _ = payload.decode(piece.data, piece.sender)
+        check_update(self.site.update_tensors(), tensors, piece.sender)
+        self.site.load_global(tensors)
 
     def show(self, message, progress):
         self.update(message=message[:40], progress=progress, state=State.RUNNING)
@@ -69,10 +82,9 @@ class Initial(FederatedState):
         live_status.update(max_iter=site.config.max_iter, round=0)
         self.send_to_coordinator("summary", **site.summary())
         if self.is_coordinator:
-            check_sites_fit([(sender, meta) for sender, _, meta in self.gather("summary")])
+            check_sites_fit([(sender, meta) for sender, _, meta in self.gather("summary", "summary")])
             self.broadcast("global_0", site.update_tensors())
-        global_tensors, _ = self.await_broadcast("global_0")
-        site.load_global(global_tensors)
+        self.receive_global("global_0")
         return "local_train"
 
 
@@ -88,7 +100,7 @@ class LocalTrain(FederatedState):
                   self.round_progress(round_number - 1))
         live_status.update(round=round_number)
         train_metrics = site.train_round()
-        self.send_to_coordinator(f"update_{round_number}", site.update_tensors(),
+        self.send_to_coordinator(f"update_{round_number}", site.update_message(),
                                  n_train=site.n_train, **train_metrics)
         return "aggregate"
 
@@ -104,8 +116,7 @@ class Aggregate(FederatedState):
         if self.is_coordinator:
             self.show(f"round {round_number}: averaging", self.round_progress(round_number))
             self.broadcast(f"global_{round_number}", self.average_updates(round_number))
-        global_tensors, _ = self.await_broadcast(f"global_{round_number}")
-        site.load_global(global_tensors)
+        self.receive_global(f"global_{round_number}")
         test_metrics = site.evaluate_global()
         live_status.update(site_accuracy=test_metrics["test_accuracy"])
         self.send_to_coordinator(f"test_{round_number}", **test_metrics)
@@ -114,16 +125,29 @@ class Aggregate(FederatedState):
         return "local_train" if round_number < site.config.max_iter else "quantize"
 
     def average_updates(self, round_number):
-        reference = self.site.update_tensors()
-        updates = self.gather(f"update_{round_number}")
+        """Coordinator: average the sites' updates, let the server optimizer step from the
+        previous global, and return the next global as it travels (int8 deltas or float)."""
+        site = self.site
+        reference = site.update_tensors()
+        updates = [(sender, site.read_update(message, sender), meta)
+                   for sender, message, meta in self.gather(f"update_{round_number}")]
         for sender, tensors, _ in updates:
             check_update(reference, tensors, sender)
         self.store("updates_meta", [meta for *_, meta in updates])
-        return federated_average([tensors for _, tensors, _ in updates],
-                                 [meta["n_train"] for *_, meta in updates])
+        averaged = federated_average([tensors for _, tensors, _ in updates],
+                                     [meta["n_train"] for *_, meta in updates])
+        next_global = self.server_optimizer.step(site.global_tensors, averaged, site.parameter_names())
+        return site.global_message(next_global)
+
+    @property
+    def server_optimizer(self):
+        """The coordinator's ServerOptimizer; its momentum / moments live across rounds."""
+        if self.load("server_optimizer") is None:
+            self.store("server_optimizer", ServerOptimizer.from_config(self.site.config))
+        return self.load("server_optimizer")
 
     def record_federation_round(self, round_number):
-        tests = [meta for *_, meta in self.gather(f"test_{round_number}")]
+        tests = [meta for *_, meta in self.gather(f"test_{round_number}", "test")]
         row = federation_round(round_number, self.load("updates_meta"), tests)
         self.site.federation_rounds.append(row)
         self.log(f"federation round {round_number}: train loss {row['train_loss']:.4f} "
@@ -161,7 +185,7 @@ class WriteResults(FederatedState):
         results = site.final_results()
         self.send_to_coordinator("results", **results)
         if self.is_coordinator:
-            reports = [meta for *_, meta in self.gather("results")]
+            reports = [meta for *_, meta in self.gather("results", "results")]
             self.broadcast("final", rounds=site.federation_rounds,
                            figures=federation_results(reports))
         _, federation = self.await_broadcast("final")

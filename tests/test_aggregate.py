@@ -55,3 +55,22 @@ def test_bad_update_names_the_sender(corrupt, text):
     with pytest.raises(UpdateError, match="site abc123") as error:
         check_update(reference, update, "abc123")
     assert text in str(error.value)
+
+
+@pytest.mark.parametrize("kind, meta, text", [
+    ("update", {"n_train": 0, "train_loss": 0.1, "train_accuracy": 0.9}, "'n_train' is 0"),
+    ("update", {"n_train": True, "train_loss": 0.1, "train_accuracy": 0.9}, "'n_train' is True"),
+    ("update", {"n_train": 10, "train_loss": "0.1", "train_accuracy": 0.9}, "'train_loss' is '0.1'"),
+    ("test", {"n_test": 5, "test_loss": 0.2}, "'test_accuracy' is None"),
+    ("summary", {"n_train": 5, "n_test": 5, "input_shape": "1x28x28", "n_classes": 10}, "'input_shape'"),
+])
+def test_malformed_reports_name_the_sender(kind, meta, text):
+    from federation.summary import SiteMismatchError, check_report
+    with pytest.raises(SiteMismatchError, match="site s2") as error:
+        check_report(kind, meta, "s2")
+    assert text in str(error.value)
+
+
+def test_well_formed_report_passes():
+    from federation.summary import check_report
+    check_report("update", {"n_train": 10, "train_loss": 0.5, "train_accuracy": 1}, "s1")

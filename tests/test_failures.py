@@ -3,6 +3,7 @@ import os
 import pickle
 import time
 
+import pytest
 import torch
 
 import testbed
@@ -74,19 +75,21 @@ def test_pickle_from_the_network_is_never_unpickled(tmp_path):
     assert "is not a valid message (safetensors + JSON metadata expected)" in log
 
 
-def test_a_bad_update_is_rejected_naming_the_sender(tmp_path):
+@pytest.mark.parametrize("poisoned, failing", [((3, 1, "update_1"), 1), ((1, 2, "global_1"), 2)],
+                         ids=["update from a participant", "global model from the coordinator"])
+def test_a_bad_model_is_rejected_naming_the_sender(tmp_path, poisoned, failing):
     from federation import payload
 
     def poison(sender, receiver, memo, data):
-        if (sender, memo) != (3, "update_1"):
+        if (sender, receiver, memo) != poisoned:
             return data
         tensors, meta = payload.decode(data, "test")
         tensors["w/fc1.weight"] = torch.full_like(tensors["w/fc1.weight"], float("nan"))
         return payload.encode(tensors, meta)
 
     result = run(tmp_path, SAMPLE_CLIENTS, relay_filter=poison)
-    assert not result.ok and result.failed_site == 1
-    log = result.log_paths[0].read_text()
+    assert not result.ok and result.failed_site == failing
+    log = result.log_paths[failing - 1].read_text()
     assert "'w/fc1.weight' has NaN or infinite values" in log and "update from site" in log
 
 
