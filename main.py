@@ -13,12 +13,12 @@ from FeatureCloud.app.engine.app import app
 import quant  # noqa: F401  (filters torch.ao's deprecation warnings before anything else uses it)
 import states  # noqa: F401  (registers the states with the engine's app)
 from federation import engine
-from webui import web_server
+from webui import live_status, web_server
 
 
 def main():
     fast = os.environ.get("FC_FAST_ENGINE") == "1"
-    engine.install(fast=fast)
+    engine.install(fast=fast, on_error=lambda error: live_status.update(state="error", error=str(error)))
     app.register()
     server = bottle.Bottle()
     server.mount("/api", api_server)

@@ -46,13 +46,14 @@ def status_message(error):
     return (short or f"{type(error).__name__}: {error}")[:40]
 
 
-def _guarded_run(app):
+def _guarded_run(app, on_error):
     # The engine's own guarded_run, with a message that says what is wrong.
     try:
         app.run()
     except Exception as error:  # noqa: BLE001 - every failure must reach the controller
         app.log(traceback.format_exc())
         print(f"ERROR at this site: {error}", file=sys.stderr, flush=True)
+        on_error(error)
         message = status_message(error)
         app.status_message, app.status_state, app.status_finished = message, "error", True
         # At the head of the queue: the controller sees the error on its next poll.
@@ -60,11 +61,12 @@ def _guarded_run(app):
             finished=True, state=fc_engine.State.ERROR.value, message=message)))
 
 
-def install(fast=False):
-    """Make the engine pickle-free and its errors explicit; with `fast`, shorten its sleeps."""
+def install(fast=False, on_error=lambda error: None):
+    """Make the engine pickle-free and its errors explicit (`on_error` hears of them too);
+    with `fast`, shorten its sleeps."""
     fc_engine._serialize_outgoing = _serialize_outgoing
     fc_engine._deserialize_incoming = _deserialize_incoming
-    fc_engine.app.guarded_run = lambda: _guarded_run(fc_engine.app)
+    fc_engine.app.guarded_run = lambda: _guarded_run(fc_engine.app, on_error)
     if fast:
         for name, seconds in _FAST_WAITS.items():
             setattr(fc_engine, name, seconds)
