@@ -57,9 +57,11 @@ class FederatedState(AppState):
     def receive_global(self, memo):
         """Load the coordinator's global model, once it is checked against the local one."""
         (piece,) = engine.receive(self, memo, n=1)
-        tensors, _ = payload.decode(piece.data, piece.sender)
+        tensors, meta = payload.decode(piece.data, piece.sender)
         check_update(self.site.update_tensors(), tensors, piece.sender)
         self.site.load_global(tensors)
+        if isinstance(meta.get("federation_accuracy"), float):
+            live_status.update(federation_accuracy=meta["federation_accuracy"])
 
     def show(self, message, progress):
         self.update(message=message[:40], progress=progress, state=State.RUNNING)
@@ -115,7 +117,10 @@ class Aggregate(FederatedState):
         site, round_number = self.site, self.site.round
         if self.is_coordinator:
             self.show(f"round {round_number}: averaging", self.round_progress(round_number))
-            self.broadcast(f"global_{round_number}", self.average_updates(round_number))
+            # With the latest federation-wide accuracy, for the participants' status pages.
+            latest = site.federation_rounds[-1]["test_accuracy"] if site.federation_rounds else None
+            self.broadcast(f"global_{round_number}", self.average_updates(round_number),
+                           federation_accuracy=latest)
         self.receive_global(f"global_{round_number}")
         test_metrics = site.evaluate_global()
         live_status.update(site_accuracy=test_metrics["test_accuracy"])
