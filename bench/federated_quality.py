@@ -17,6 +17,7 @@ so the bytes per round are the bytes the app sends.
 """
 import argparse
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -114,14 +115,15 @@ def run_federation(sites):
             "bytes_per_round": (sum(uplink) + len(sites) * sum(downlink)) / len(downlink)}
 
 
-def run_seed(inputs, labels, setting, seed, variants, work_dir):
-    """{run name: figures} for one split: centralized, then each variant x communication."""
+def run_seed(inputs, labels, setting, seed, variants, communications, work_dir):
+    """{run name: figures} for one split: centralized, then each variant x communication.
+    `variants`: {name: config overrides}."""
     config = {**sample_config(), "seed": 42 + seed}
     federation_dir, central_dir = write_setting(inputs, labels, setting, seed, config, work_dir)
     results = {"centralized": run_federation(load_sites(central_dir, {}))}
-    for variant in variants:
-        for communication in COMMUNICATIONS:
-            overrides = {**VARIANTS[variant], "communication": communication}
+    for variant, variant_overrides in variants.items():
+        for communication in communications:
+            overrides = {**variant_overrides, "communication": communication}
             results[f"{variant}/{communication}"] = run_federation(load_sites(federation_dir, overrides))
     return results
 
@@ -131,21 +133,31 @@ def summarize(values):
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
-def run_benchmark(n_seeds, settings, variants, log=print):
+def _run_one(job):
+    setting, seed, variants, communications = job
+    torch.set_num_threads(1)  # LeNet on batches of 32: one thread per run is fastest
     inputs, labels = pooled_sample()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work_dir:
+        results = run_seed(inputs, labels, setting, seed, variants, communications, Path(work_dir))
+    print(f"  {setting} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    return results
+
+
+def run_benchmark(n_seeds, settings, variants, communications=COMMUNICATIONS, jobs=2):
+    """Every (setting, seed) in its own process, `jobs` at a time; figures over the seeds.
+    `variants`: {name: config overrides}."""
+    grid = [(setting, seed, variants, communications) for setting in settings for seed in range(n_seeds)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        outcomes = dict(zip([(setting, seed) for setting, seed, *_ in grid], pool.map(_run_one, grid)))
     per_setting = {}
     for setting in settings:
-        per_seed = []
-        for seed in range(n_seeds):
-            started = time.perf_counter()
-            with tempfile.TemporaryDirectory() as work_dir:
-                per_seed.append(run_seed(inputs, labels, setting, seed, variants, Path(work_dir)))
-            log(f"  {setting} seed {seed}: {time.perf_counter() - started:.0f} s")
+        per_seed = [outcomes[setting, seed] for seed in range(n_seeds)]
         per_setting[setting] = {
             run: {figure: summarize([seed_results[run][figure] for seed_results in per_seed])
                   for figure in ("accuracy", "bytes_per_round", "update_bytes", "global_bytes")}
             for run in per_seed[0]}
-    return {"alpha": ALPHA, "seeds": n_seeds, "variants": {v: VARIANTS[v] for v in variants},
+    return {"alpha": ALPHA, "seeds": n_seeds, "variants": variants,
             "config": sample_config(), "settings": per_setting, "goals": GOALS}
 
 
@@ -171,14 +183,16 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     args = parser.parse_args(argv)
     settings, variants = args.settings.split(","), args.variants.split(",")
     for name, known in ((settings, SETTINGS), (variants, VARIANTS)):
         unknown = [n for n in name if n not in known]
         if unknown:
             parser.error(f"unknown {unknown}; known: {', '.join(known)}")
-    torch.set_num_threads(1)  # LeNet on batches of 32: one thread is fastest and leaves a core free
-    results = run_benchmark(args.seeds, settings, variants)
+    started = time.perf_counter()
+    results = run_benchmark(args.seeds, settings, {v: VARIANTS[v] for v in variants}, jobs=args.jobs)
+    results["seconds"] = time.perf_counter() - started
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

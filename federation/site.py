@@ -3,6 +3,7 @@
 Plain PyTorch: the states decide who talks to whom; this class loads and checks the inputs,
 trains a round, evaluates, and prepares, calibrates and converts the model to int8.
 """
+import inspect
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 
 import quant
-from federation.aggregate import join, split
-from inputs.config import load_config
+from federation.aggregate import WEIGHTS, join, split
+from federation.compress import compress, decompress
+from inputs.config import CONFIG_FILE, load_config
 from inputs.datasets import describe_dataset, load_dataset
 from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
@@ -35,6 +37,8 @@ class Site:
     rounds: list = field(default_factory=list)             # this site's figures per round
     federation_rounds: list = field(default_factory=list)  # coordinator: federation-wide figures
     optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
+    device: str = "cpu"          # where training and float evaluation run (config `device`)
+    global_tensors: dict = None  # the last global model received: what int8 deltas refer to
     prepared: torch.nn.Module = None  # the model with observers (PTQ) or fake quantization (QAT)
     int8_model: torch.nn.Module = None
     predictions: dict = field(default_factory=dict)
@@ -72,8 +76,9 @@ class Site:
         train_function = train
         if config.train_function:
             train_function = load_train_function(input_dir / config.train_function)
+            _check_fedprox_support(train_function, config, input_dir / config.train_function)
         return cls(input_dir, config, model, train_loader, test_loader, train_info, test_info,
-                   train_function)
+                   train_function, device=resolve_device(config.device, input_dir / CONFIG_FILE))
 
     @property
     def n_train(self):
@@ -117,21 +122,59 @@ class Site:
         observer_stats = quant.observer_stats(self.prepared) if self.prepared is not None else {}
         return join(quant.float_state(self.trained_model), observer_stats)
 
-    def load_global(self, tensors):
+    def parameter_names(self):
+        """The update entries that are trainable parameters (what a server optimizer steps)."""
+        return {WEIGHTS + name for name, _ in self.trained_model.named_parameters()}
+
+    # With `communication: int8` messages carry int8 deltas to `global_tensors` (compress.py);
+    # a float message passes through `decompress` unchanged.
+    def update_message(self):
+        """This round's update as it travels to the coordinator."""
+        return self._outgoing(self.update_tensors())
+
+    def global_message(self, next_global):
+        """Coordinator: the next global model as it travels to every site."""
+        return self._outgoing(next_global)
+
+    def read_update(self, message, sender):
+        """Coordinator: a site's update message back as full tensors."""
+        return decompress(message, self.global_tensors, sender)
+
+    def _outgoing(self, tensors):
+        if self.config.communication == "int8" and self.global_tensors is not None:
+            return compress(tensors, self.global_tensors)
+        return tensors
+
+    def load_global(self, message):
+        """Load the coordinator's broadcast; it becomes the reference of the next deltas."""
+        tensors = decompress(message, self.global_tensors, "coordinator")
+        self.global_tensors = tensors
         weights, observer_stats = split(tensors)
         quant.load_float_state(self.trained_model, weights)
         if observer_stats:
             quant.load_observer_stats(self.prepared, observer_stats)
 
+    @contextmanager
+    def on_device(self):
+        """Training and float evaluation run on `device`; in between the model stays on the
+        CPU, where payloads, averaging and quantization work. (Moving keeps the parameter
+        objects, so the kept optimizer's references stay valid.)"""
+        self.trained_model.to(self.device)
+        try:
+            yield self.device
+        finally:
+            self.trained_model.to("cpu")
+
     def train_round(self):
         """Train the global model on this site's data; return loss/accuracy on the train set."""
-        with self.timed("train"):
+        with self.timed("train"), self.on_device() as device:
             call_train_function(self.train_function, self.trained_model, self.train_loader,
                                 self.config.epochs, self.config.learning_rate,
-                                optimizer=self.round_optimizer())
+                                optimizer=self.round_optimizer(), device=device,
+                                **self._fedprox_arguments())
         # Measured the same way for the app's own loop and for custom train functions.
-        with self.timed("evaluate"):
-            result = evaluate(self.trained_model, self.train_loader)
+        with self.timed("evaluate"), self.on_device() as device:
+            result = evaluate(self.trained_model, self.train_loader, device=device)
         row = {"round": self.round, "train_loss": result.loss, "train_accuracy": result.accuracy,
                "test_loss": None, "test_accuracy": None}
         self.rounds.append(row)
@@ -146,10 +189,18 @@ class Site:
             self.optimizer = torch.optim.Adam(self.trained_model.parameters(), lr=self.config.learning_rate)
         return self.optimizer
 
+    def _fedprox_arguments(self):
+        """FedProx's keywords: the round's global parameters (loaded just before training)."""
+        if self.config.mu == 0:
+            return {}
+        return {"mu": self.config.mu,
+                "global_weights": {name: parameter.detach().clone()
+                                   for name, parameter in self.trained_model.named_parameters()}}
+
     def evaluate_global(self):
         """Evaluate the just-received global model on this site's test set."""
-        with self.timed("evaluate"):
-            result = evaluate(self.trained_model, self.test_loader)
+        with self.timed("evaluate"), self.on_device() as device:
+            result = evaluate(self.trained_model, self.test_loader, device=device)
         self.rounds[-1].update(test_loss=result.loss, test_accuracy=result.accuracy)
         return {"test_loss": result.loss, "test_accuracy": result.accuracy,
                 "n_test": self.test_info.n}
@@ -198,3 +249,27 @@ class Site:
                                   "size_bytes": quant.state_dict_size_bytes(model),
                                   "latency_ms": quant.latency_ms(model, batch)}
         return figures
+
+
+def resolve_device(device, config_path):
+    """"auto": the GPU when PyTorch sees one, else the CPU; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(config_path, "is cuda, but PyTorch sees no GPU on this machine "
+                         "(use auto or cpu)", key="device")
+    return device
+
+
+def _check_fedprox_support(train_function, config, path):
+    """mu > 0 with a train function that cannot take it would silently train without FedProx."""
+    if config.mu == 0:
+        return
+    try:
+        inspect.signature(train_function).bind_partial(mu=config.mu, global_weights={})
+    except TypeError:
+        raise InputError(path, f"config sets mu: {config.mu} (FedProx), but train() accepts no "
+                         "mu= and global_weights= keywords (see training/loop.py)",
+                         key="train_function") from None
+    except ValueError:
+        pass  # no readable signature: trust it

@@ -15,6 +15,9 @@ CONFIG_FILE = "config.yml"
 APP_KEY = "fc_quantization"
 
 BACKENDS = ("fbgemm", "qnnpack", "x86")
+AGGREGATIONS = ("fedavg", "fedavgm", "fedadam")
+DEVICES = ("auto", "cpu", "cuda")
+COMMUNICATIONS = ("float32", "int8")
 QUANT_TYPES = ("post_static", "qat")
 
 
@@ -44,6 +47,17 @@ class AppConfig:
     qat_warmup_rounds: int = 0
     qat_freeze_bn_round: int | None = None
     qat_freeze_observers_round: int | None = None
+    # Federated training (docs/federated.md): the coordinator's aggregation (fedavg, or
+    # fedavgm / fedadam with a server learning rate: null takes the aggregation's default),
+    # FedProx's proximal weight, where training runs, and how updates travel.
+    aggregation: str = "fedavg"
+    server_learning_rate: float | None = None
+    server_momentum: float = 0.9
+    server_betas: tuple = (0.9, 0.99)
+    server_epsilon: float = 0.001
+    mu: float = 0.0
+    device: str = "auto"
+    communication: str = "float32"
 
     def qat_schedule(self):
         """(first QAT round, BatchNorm freeze round, observer freeze round).
@@ -88,6 +102,17 @@ _RULES = {
     "qat_warmup_rounds": ((int,), lambda v: v >= 0, "an integer >= 0"),
     "qat_freeze_bn_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
     "qat_freeze_observers_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
+    "aggregation": ((str,), lambda v: v in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}"),
+    "server_learning_rate": ((int, float, type(None)), lambda v: v is None or 0 < v < float("inf"),
+                             "a number > 0, or null for the aggregation's default"),
+    "server_momentum": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "server_betas": ((list, tuple), lambda v: len(v) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.99]"),
+    "server_epsilon": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0"),
+    "mu": ((int, float), lambda v: 0 <= v < float("inf"), "a number >= 0 (0: no FedProx term)"),
+    "device": ((str,), lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "communication": ((str,), lambda v: v in COMMUNICATIONS, f"one of {', '.join(COMMUNICATIONS)}"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
@@ -119,6 +144,8 @@ def parse_config(document, path=CONFIG_FILE):
             raise InputError(path, "required key is missing", key=key)
     for key, value in section.items():
         _check_value(key, value, path)
+    if "server_betas" in section:
+        section["server_betas"] = tuple(section["server_betas"])  # frozen config, hashable
     config = AppConfig(**section)
     if config.quant_type == "qat" and config.qat_warmup_rounds >= config.max_iter:
         raise InputError(path, f"must be less than max_iter ({config.max_iter}), so that some "
