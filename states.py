@@ -57,7 +57,8 @@ class FederatedState(AppState):
     def receive_global(self, memo):
         """Load the coordinator's global model, once it is checked against the local one."""
         (piece,) = engine.receive(self, memo, n=1)
-        tensors, meta = payload.decode(piece.data, piece.sender)
+        message, meta = payload.decode(piece.data, piece.sender)
+        tensors = self.site.read_message(message, piece.sender)  # int8 deltas -> full tensors
         check_update(self.site.update_tensors(), tensors, piece.sender)
         self.site.load_global(tensors)
         if isinstance(meta.get("federation_accuracy"), float):
@@ -134,7 +135,7 @@ class Aggregate(FederatedState):
         previous global, and return the next global as it travels (int8 deltas or float)."""
         site = self.site
         reference = site.update_tensors()
-        updates = [(sender, site.read_update(message, sender), meta)
+        updates = [(sender, site.read_message(message, sender), meta)
                    for sender, message, meta in self.gather(f"update_{round_number}")]
         for sender, tensors, _ in updates:
             check_update(reference, tensors, sender)

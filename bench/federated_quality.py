@@ -98,7 +98,7 @@ def run_federation(sites):
             meta = {**site.train_round(), "n_train": site.n_train}
             data = payload.encode(site.update_message(), meta)
             uplink.append(len(data))
-            updates.append(coordinator.read_update(payload.decode(data, index)[0], index))
+            updates.append(coordinator.read_message(payload.decode(data, index)[0], index))
             metas.append(meta)
         averaged = federated_average(updates, [meta["n_train"] for meta in metas])
         next_global = server.step(coordinator.global_tensors, averaged, coordinator.parameter_names())
@@ -106,7 +106,7 @@ def run_federation(sites):
         downlink.append(len(data))
         tests = []
         for site in sites:
-            site.load_global(payload.decode(data, "coordinator")[0])
+            site.load_global(site.read_message(payload.decode(data, "coordinator")[0], "coordinator"))
             tests.append(site.evaluate_global())
         rows.append(federation_round(round_number, metas, tests))
     return {"accuracy": rows[-1]["test_accuracy"],

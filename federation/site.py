@@ -136,8 +136,8 @@ class Site:
         """Coordinator: the next global model as it travels to every site."""
         return self._outgoing(next_global)
 
-    def read_update(self, message, sender):
-        """Coordinator: a site's update message back as full tensors."""
+    def read_message(self, message, sender):
+        """A received update (coordinator) or global model back as full tensors."""
         return decompress(message, self.global_tensors, sender)
 
     def _outgoing(self, tensors):
@@ -145,9 +145,8 @@ class Site:
             return compress(tensors, self.global_tensors)
         return tensors
 
-    def load_global(self, message):
-        """Load the coordinator's broadcast; it becomes the reference of the next deltas."""
-        tensors = decompress(message, self.global_tensors, "coordinator")
+    def load_global(self, tensors):
+        """Load the global model (read_message's output); it is what the next deltas refer to."""
         self.global_tensors = tensors
         weights, observer_stats = split(tensors)
         quant.load_float_state(self.trained_model, weights)

@@ -50,13 +50,13 @@ def run_rounds(sites):
             site.train_round()
             data = payload.encode(site.update_message(), {})
             sizes["update"].append(len(data))
-            updates.append(coordinator.read_update(payload.decode(data, index)[0], index))
+            updates.append(coordinator.read_message(payload.decode(data, index)[0], index))
         averaged = federated_average(updates, [site.n_train for site in sites])
         next_global = server.step(coordinator.global_tensors, averaged, coordinator.parameter_names())
         data = payload.encode(coordinator.global_message(next_global), {})
         sizes["global"].append(len(data))
         for site in sites:
-            site.load_global(payload.decode(data, "coordinator")[0])
+            site.load_global(site.read_message(payload.decode(data, "coordinator")[0], "coordinator"))
     return sizes
 
 
