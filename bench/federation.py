@@ -98,13 +98,20 @@ def run_sites(n_sites, work_dir, real_timing=False):
     client_dirs, generic_dir, data = prepare_sites(n_sites, work_dir)
     query_interval = CONTROLLER_QUERY_INTERVAL_S if real_timing else DEFAULT_QUERY_INTERVAL_S
     out = Path(work_dir) / f"run_{n_sites}{'_real' if real_timing else ''}"
+    # Other processes on the machine slow every site down; the load says how much there was.
+    load_at_start = os.getloadavg()[0]
+    started = time.monotonic()
+    set_up_after = []
     with engine_timings(real_timing):
         result = run_federation(client_dirs, generic_dir, out, query_interval=query_interval,
-                                timeout=RUN_TIMEOUT_S, quiet=True)
+                                timeout=RUN_TIMEOUT_S, quiet=True,
+                                on_started=lambda ports: set_up_after.append(time.monotonic() - started))
     if not result.ok:
         raise RuntimeError(f"{n_sites}-site run failed: {result.message} (logs in {out / 'logs'})")
     return {"n_sites": n_sites, "data": data, "query_interval_s": query_interval,
-            "engine_timings": "real" if real_timing else "fast", **measure(result)}
+            "engine_timings": "real" if real_timing else "fast", "load_average_at_start": load_at_start,
+            # Processes started (torch imported) and /setup answered by every site.
+            "startup_s": set_up_after[0], **measure(result)}
 
 
 # ---------------------------------------------------------------- what one run cost
@@ -187,6 +194,7 @@ COLUMNS = (
     ("quant s/site", lambda run: f"{run['mean_site_seconds']['quantize']:.1f}"),
     ("slowest compute s", lambda run: f"{run['slowest_site_compute_s']:.1f}"),
     ("overhead s", lambda run: f"{run['overhead_s']:.1f}"),
+    ("of which startup s", lambda run: f"{run['startup_s']:.1f}"),
     ("msgs (per round)", lambda run: f"{run['messages']} ({run['messages_per_round']})"),
     ("relayed KB/round", lambda run: f"{run['relayed_bytes_per_round'] / 1024:.0f}"),
     ("sent KB/round", lambda run: f"{run['sent_bytes_per_round'] / 1024:.0f}"),
