@@ -37,13 +37,14 @@ class RunTimeout(Exception):
 
 def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUERY_INTERVAL_S,
                    app=DEFAULT_APP, timeout=DEFAULT_TIMEOUT_S, relay_filter=None, quiet=False,
-                   on_started=None):
+                   on_started=None, on_finished=None):
     """Run one federation; the first client dir is the coordinator.
 
     relay_filter(sender_index, receiver_index, memo, payload) -> bytes may replace any payload
     on its way (indices 1-based; SMPC contributions pass it on their way to the coordinator).
     on_started(ports) is called once every site is set up, with the sites' ports in order;
-    each site serves /api and /web on its port.
+    each site serves /api and /web on its port. on_finished(ports) is called once every site
+    has finished, before the sites are stopped (their /web pages still answer).
     """
     started = time.monotonic()
     deadline = started + timeout
@@ -62,6 +63,8 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
         if on_started is not None:
             on_started([site.port for site in sites])
         _poll_until_finished(sites, relay, query_interval, deadline, quiet)
+        if on_finished is not None:
+            on_finished([site.port for site in sites])
         ok, message = True, f"all {len(sites)} sites finished"
     except SiteFailure as failure:
         failed_site, message = failure.site.index, str(failure)
