@@ -12,13 +12,13 @@ import torch
 
 from inputs.config import AGGREGATIONS
 # Defaults per aggregation, chosen on the sample data with bench/federated_quality.py.
-DEFAULT_LEARNING_RATES = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
+DEFAULT_LEARNING_RATES = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.03}
 
 
 class ServerOptimizer:
     """The coordinator's optimizer; `step(previous, averaged, parameter_names)` -> next global."""
 
-    def __init__(self, aggregation="fedavg", learning_rate=None, momentum=0.9, betas=(0.9, 0.99),
+    def __init__(self, aggregation="fedavg", learning_rate=None, momentum=0.3, betas=(0.9, 0.99),
                  epsilon=1e-3):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")

@@ -52,7 +52,7 @@ class AppConfig:
     # FedProx's proximal weight, where training runs, and how updates travel.
     aggregation: str = "fedavg"
     server_learning_rate: float | None = None
-    server_momentum: float = 0.9
+    server_momentum: float = 0.3
     server_betas: tuple = (0.9, 0.99)
     server_epsilon: float = 0.001
     mu: float = 0.0
