@@ -18,6 +18,7 @@ from torch.ao.quantization import (
     DeQuantStub,
     QuantStub,
     convert as _eager_convert,
+    disable_fake_quant as _disable_fake_quant,
     disable_observer as _disable_observer,
     fuse_modules as _fuse_modules,
     fuse_modules_qat as _fuse_modules_qat,
@@ -82,6 +83,7 @@ eager_convert = _quietly(_eager_convert)
 fuse_modules = _quietly(_fuse_modules)
 fuse_modules_qat = _quietly(_fuse_modules_qat)
 disable_observer = _quietly(_disable_observer)
+disable_fake_quant = _quietly(_disable_fake_quant)
 freeze_bn_stats = _quietly(_freeze_bn_stats)
 get_default_qconfig = _quietly(_get_default_qconfig)
 get_default_qat_qconfig = _quietly(_get_default_qat_qconfig)
@@ -97,6 +99,7 @@ __all__ = [
     "QuantStub",
     "QuantizationTracer",
     "convert_fx",
+    "disable_fake_quant",
     "disable_observer",
     "eager_convert",
     "eager_prepare",

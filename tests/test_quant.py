@@ -16,7 +16,7 @@ from tests.test_quant_models import BnResidualNet, BranchingNet, LeNet, image_ba
 
 _AO_ENTRY_POINTS = {
     "torch.ao.quantization": ["convert", "prepare", "prepare_qat", "fuse_modules", "fuse_modules_qat",
-                              "disable_observer", "get_default_qconfig", "get_default_qat_qconfig",
+                              "disable_observer", "disable_fake_quant", "get_default_qconfig", "get_default_qat_qconfig",
                               "get_default_qconfig_mapping", "get_default_qat_qconfig_mapping",
                               "QuantStub", "DeQuantStub"],
     "torch.ao.quantization.quantize_fx": ["prepare_fx", "prepare_qat_fx", "convert_fx"],

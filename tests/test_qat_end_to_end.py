@@ -1,0 +1,69 @@
+"""QAT through the whole app with a user's own training function: 3 sites via the testbed."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import testbed
+from tests.e2e_helpers import REPO, SAMPLE, SAMPLE_CLIENTS, accuracy_of, int8_tensors, load_user_model, read_metrics
+
+CUSTOM_TRAIN = REPO / "tests" / "fixtures" / "custom_train" / "train.py"
+ROUNDS = 3
+OVERRIDES = {"quant_type": "qat", "train_function": "train.py", "max_iter": ROUNDS, "epochs": 1,
+             "learning_rate": 0.05, "backend": "fbgemm", "qat_warmup_rounds": 1}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    generic = tmp_path_factory.mktemp("generic")
+    shutil.copytree(SAMPLE / "generic", generic, dirs_exist_ok=True)
+    shutil.copy(CUSTOM_TRAIN, generic / "train.py")
+    config = yaml.safe_load((generic / "config.yml").read_text())
+    config["fc_quantization"].update(OVERRIDES)
+    (generic / "config.yml").write_text(yaml.safe_dump(config))
+    out = tmp_path_factory.mktemp("qat_e2e")
+    result = testbed.run_federation(SAMPLE_CLIENTS, generic, out, quiet=True, timeout=300)
+    assert result.ok, result.message
+    return result
+
+
+def test_every_site_finished_with_qat_on_the_configured_backend(run):
+    assert len(run.site_outputs) == 3
+    for site_dir in run.site_outputs:
+        metrics = read_metrics(site_dir)
+        assert metrics["quant_type"] == "qat" and metrics["backend"] == "fbgemm"
+        assert metrics["config"]["train_function"] == "train.py"
+        assert [row["round"] for row in metrics["rounds"]] == list(range(1, ROUNDS + 1))
+        assert metrics["int8"]["accuracy"] >= 0.8  # learned something, through fake quantization
+
+
+def test_the_custom_train_function_trained_every_round(run):
+    for site_dir in run.site_outputs:
+        calls = [json.loads(line) for line in (site_dir / "custom_train_calls.txt").read_text().splitlines()]
+        assert len(calls) == ROUNDS
+        assert all(call["epochs"] == 1 and call["learning_rate"] == 0.05 and call["batches"] > 0 for call in calls)
+        # warm-up round in float, then the fake-quantized model (QAT)
+        assert [call["fake_quantized"] for call in calls] == [False] + [True] * (ROUNDS - 1)
+
+
+def test_every_site_holds_the_same_int8_and_float_models(run):
+    int8 = [int8_tensors(torch.jit.load(site_dir / "model_int8.pt")) for site_dir in run.site_outputs]
+    fp32 = [torch.load(site_dir / "model_fp32.pt", weights_only=True) for site_dir in run.site_outputs]
+    for other_int8, other_fp32 in zip(int8[1:], fp32[1:]):
+        assert int8[0].keys() == other_int8.keys()
+        assert all(torch.equal(int8[0][name], other_int8[name]) for name in int8[0])
+        assert all(torch.equal(fp32[0][name], other_fp32[name]) for name in fp32[0])
+
+
+def test_saved_models_reproduce_the_reported_accuracy(run):
+    torch.backends.quantized.engine = "fbgemm"
+    for client_dir, site_dir in zip(SAMPLE_CLIENTS, run.site_outputs):
+        metrics = read_metrics(site_dir)
+        test_file = client_dir / "test_dataset.pth"
+        assert accuracy_of(torch.jit.load(site_dir / "model_int8.pt"), test_file) == pytest.approx(
+            metrics["int8"]["accuracy"], abs=1e-6)
+        model = load_user_model(SAMPLE / "generic" / "mnist_model.py")  # the user's class
+        model.load_state_dict(torch.load(site_dir / "model_fp32.pt", weights_only=True))
+        assert accuracy_of(model.eval(), test_file) == pytest.approx(metrics["fp32"]["accuracy"], abs=1e-6)
