@@ -24,19 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from bench.simulate import site_dirs
-from federation import payload
-from federation.aggregate import federated_average
-from federation.server_optimizer import ServerOptimizer
-from federation.site import Site
-from federation.summary import federation_round
+from bench.simulate import SAMPLE, load_sites, pooled_sample, run_rounds, sample_config
 from testbed.split import split_dataset, write_client_dirs
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data" / "sample"
-DEFAULT_OUT = ROOT / "bench" / "results" / "federated_quality.json"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "federated_quality.json"
 SETTINGS = {  # name -> (split scheme, number of sites)
     "iid-3": ("iid", 3), "iid-5": ("iid", 5),
     "dirichlet-3": ("dirichlet", 3), "dirichlet-5": ("dirichlet", 5),
@@ -53,18 +45,6 @@ COMMUNICATIONS = ("float32", "int8")
 GOALS = {"skewed_gap": 1.0, "iid_gap": 0.3, "int8_gap": 0.3}  # accuracy points
 
 
-def sample_config():
-    document = yaml.safe_load((SAMPLE / "generic" / "config.yml").read_text())
-    return dict(document.get("fc_quantization", document))
-
-
-def pooled_sample():
-    """The sample's 5,000 digits: every client's train and test tensors, concatenated."""
-    parts = [torch.load(path, weights_only=True)
-             for path in sorted(SAMPLE.glob("client_*/*_dataset.pth"))]
-    return torch.cat([inputs for inputs, _ in parts]), torch.cat([labels for _, labels in parts])
-
-
 def write_setting(inputs, labels, setting, seed, config, out_dir):
     """Client dirs of one split, plus `central/`: one site with the union of the train splits."""
     scheme, n_sites = SETTINGS[setting]
@@ -76,43 +56,10 @@ def write_setting(inputs, labels, setting, seed, config, out_dir):
     return out_dir / "federated", out_dir / "central"
 
 
-def load_sites(federation_dir, overrides):
-    """Site objects for every client dir merged with generic/ and `overrides` (as the testbed does)."""
-    with tempfile.TemporaryDirectory() as work_dir:
-        clients = sorted(federation_dir.glob("client_*"))
-        return [Site.load(d) for d in site_dirs(clients, federation_dir / "generic", overrides, work_dir)]
-
-
-def run_federation(sites):
-    """Rounds as the states run them; returns final test accuracy and bytes per round."""
-    coordinator = sites[0]
-    server = ServerOptimizer.from_config(coordinator.config)
-    start = payload.encode(coordinator.update_tensors(), {"round": 0})
-    for site in sites:
-        site.load_global(payload.decode(start, "coordinator")[0])
-    rows, uplink, downlink = [], [], []
-    for round_number in range(1, coordinator.config.max_iter + 1):
-        updates, metas = [], []
-        for index, site in enumerate(sites):
-            site.start_round()
-            meta = {**site.train_round(), "n_train": site.n_train}
-            data = payload.encode(site.update_message(), meta)
-            uplink.append(len(data))
-            updates.append(coordinator.read_message(payload.decode(data, index)[0], index))
-            metas.append(meta)
-        averaged = federated_average(updates, [meta["n_train"] for meta in metas])
-        next_global = server.step(coordinator.global_tensors, averaged, coordinator.parameter_names())
-        data = payload.encode(coordinator.global_message(next_global), {"round": round_number})
-        downlink.append(len(data))
-        tests = []
-        for site in sites:
-            site.load_global(site.read_message(payload.decode(data, "coordinator")[0], "coordinator"))
-            tests.append(site.evaluate_global())
-        rows.append(federation_round(round_number, metas, tests))
-    return {"accuracy": rows[-1]["test_accuracy"],
-            "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
-            # What crosses the network per round: every site's update + the broadcast to each.
-            "bytes_per_round": (sum(uplink) + len(sites) * sum(downlink)) / len(downlink)}
+def run_federation(federation_dir, overrides):
+    """Rounds over the client dirs written by write_client_dirs, with config `overrides`."""
+    clients = sorted(federation_dir.glob("client_*"))
+    return run_rounds(load_sites(clients, federation_dir / "generic", overrides))
 
 
 def run_seed(inputs, labels, setting, seed, variants, communications, work_dir):
@@ -120,11 +67,11 @@ def run_seed(inputs, labels, setting, seed, variants, communications, work_dir):
     `variants`: {name: config overrides}."""
     config = {**sample_config(), "seed": 42 + seed}
     federation_dir, central_dir = write_setting(inputs, labels, setting, seed, config, work_dir)
-    results = {"centralized": run_federation(load_sites(central_dir, {}))}
+    results = {"centralized": run_federation(central_dir, {})}
     for variant, variant_overrides in variants.items():
         for communication in communications:
             overrides = {**variant_overrides, "communication": communication}
-            results[f"{variant}/{communication}"] = run_federation(load_sites(federation_dir, overrides))
+            results[f"{variant}/{communication}"] = run_federation(federation_dir, overrides)
     return results
 
 

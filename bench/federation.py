@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 
+from bench.simulate import SAMPLE_CLIENTS, SAMPLE_GENERIC, pooled_sample
 from testbed.runner import DEFAULT_QUERY_INTERVAL_S, run_federation
 from testbed.split import read_config, split_dataset, write_client_dirs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-SAMPLE_GENERIC = SAMPLE_DIR / "generic"
-SAMPLE_SITES = 3
+SAMPLE_SITES = len(SAMPLE_CLIENTS)
 DEFAULT_SITES = (3, 5, 8)
 DEFAULT_OUT = Path("bench/results/federation.json")
 SPLIT_SEED = 0
@@ -54,21 +53,10 @@ ROUND_MEMO = re.compile(r"^(?P<kind>[a-z]+)_(?P<round>\d+)$")
 
 # ---------------------------------------------------------------- the sites of one run
 
-def pooled_sample():
-    """(inputs, labels) of every digit in the bundled sample (train and test of all sites)."""
-    inputs, labels = [], []
-    for site in range(1, SAMPLE_SITES + 1):
-        for name in ("train_dataset.pth", "test_dataset.pth"):
-            site_inputs, site_labels = torch.load(SAMPLE_DIR / f"client_{site}" / name, weights_only=True)
-            inputs.append(site_inputs)
-            labels.append(site_labels)
-    return torch.cat(inputs), torch.cat(labels)
-
-
 def prepare_sites(n_sites, work_dir):
     """(client dirs, generic dir, where the data comes from) for a run with `n_sites` sites."""
     if n_sites == SAMPLE_SITES:
-        return [SAMPLE_DIR / f"client_{i}" for i in range(1, n_sites + 1)], SAMPLE_GENERIC, "sample"
+        return SAMPLE_CLIENTS, SAMPLE_GENERIC, "sample"
     inputs, labels = pooled_sample()
     splits = split_dataset(inputs, labels, n_sites, "iid", test_fraction=SPLIT_TEST_FRACTION,
                            seed=SPLIT_SEED)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import quant
-from bench.simulate import simulate
-from tests.e2e_helpers import SAMPLE, SAMPLE_CLIENTS, load_user_model
+from bench.simulate import SAMPLE_CLIENTS, SAMPLE_GENERIC, simulate
+from inputs.model_file import load_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quantization.json"
 BATCH_SIZE = 32  # the sample config's batch_size
@@ -41,7 +41,7 @@ def accuracy_rows(seeds):
     rows = []
     for quant_type in quant.QUANT_TYPES:
         for backend in quant.BACKENDS:
-            runs = [simulate(SAMPLE_CLIENTS, SAMPLE / "generic",
+            runs = [simulate(SAMPLE_CLIENTS, SAMPLE_GENERIC,
                              {"quant_type": quant_type, "backend": backend, "seed": seed}, quantize=True)
                     for seed in range(1, seeds + 1)]
             fp32 = [run["fp32_accuracy"] for run in runs]
@@ -56,7 +56,7 @@ def accuracy_rows(seeds):
 
 
 def speed_rows():
-    models = {"mnist_lenet": (load_user_model(SAMPLE / "generic" / "mnist_model.py"), (1, 28, 28)),
+    models = {"mnist_lenet": (load_model(SAMPLE_GENERIC / "mnist_model.py"), (1, 28, 28)),
               "wide_cnn": (WideCNN(), (3, 32, 32))}
     rows = []
     generator = torch.Generator().manual_seed(0)

@@ -48,6 +48,8 @@ _DEPRECATION_NOISE = (
     # TorchScript, the format an int8 model of torch.ao is saved in, is deprecated too
     (FutureWarning, r"`torch\.jit\.\w+` is deprecated"),
     (DeprecationWarning, r"`torch\.jit\.\w+` is deprecated"),
+    # scripting torch.ao's own eager-mode wrappers (their attribute annotations)
+    (UserWarning, r"The TorchScript type system doesn't support instance-level annotations"),
     # the default qconfigs still pass reduce_range
     (UserWarning, r"Please use quant_min and quant_max"),
 )

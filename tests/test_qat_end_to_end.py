@@ -1,28 +1,25 @@
 """QAT through the whole app with a user's own training function: 3 sites via the testbed."""
 import json
-import shutil
 
 import pytest
 import torch
-import yaml
 
 import testbed
-from tests.e2e_helpers import REPO, SAMPLE, SAMPLE_CLIENTS, accuracy_of, int8_tensors, load_user_model, read_metrics
+from tests.e2e_helpers import (REPO, SAMPLE, SAMPLE_CLIENTS, accuracy_of, int8_tensors, load_user_model,
+                               make_generic, read_metrics)
 
 CUSTOM_TRAIN = REPO / "tests" / "fixtures" / "custom_train" / "train.py"
 ROUNDS = 3
 OVERRIDES = {"quant_type": "qat", "train_function": "train.py", "max_iter": ROUNDS, "epochs": 1,
-             "learning_rate": 0.05, "backend": "fbgemm", "qat_warmup_rounds": 1}
+             "learning_rate": 0.05, "backend": "fbgemm", "qat_warmup_rounds": 1,
+             # The switch to QAT mid-run must survive int8 deltas and a server optimizer.
+             "communication": "int8", "aggregation": "fedavgm"}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    generic = tmp_path_factory.mktemp("generic")
-    shutil.copytree(SAMPLE / "generic", generic, dirs_exist_ok=True)
-    shutil.copy(CUSTOM_TRAIN, generic / "train.py")
-    config = yaml.safe_load((generic / "config.yml").read_text())
-    config["fc_quantization"].update(OVERRIDES)
-    (generic / "config.yml").write_text(yaml.safe_dump(config))
+    generic = make_generic(tmp_path_factory.mktemp("qat") / "generic", OVERRIDES,
+                           {"train.py": CUSTOM_TRAIN.read_text()})
     out = tmp_path_factory.mktemp("qat_e2e")
     result = testbed.run_federation(SAMPLE_CLIENTS, generic, out, quiet=True, timeout=300)
     assert result.ok, result.message

@@ -1,0 +1,27 @@
+"""Every backend through the app's own site code: the same int8 model at every site, close to fp32."""
+import pytest
+import torch
+
+import quant
+from bench.simulate import SAMPLE_CLIENTS, SAMPLE_GENERIC, load_sites, quantize_sites, run_rounds
+from tests.e2e_helpers import int8_tensors
+
+
+@pytest.mark.parametrize("backend, quant_type", [("x86", "post_static"), ("fbgemm", "post_static"),
+                                                 ("qnnpack", "post_static"), ("qnnpack", "qat")])
+def test_backend_gives_every_site_the_same_int8_model(backend, quant_type, tmp_path):
+    sites = load_sites(SAMPLE_CLIENTS, SAMPLE_GENERIC, {"backend": backend, "quant_type": quant_type,
+                                                         "max_iter": 2, "epochs": 1, "calibration_batches": 8})
+    run_rounds(sites)
+    figures = quantize_sites(sites)
+    assert torch.backends.quantized.engine == backend
+    assert figures["int8"]["accuracy"] >= figures["fp32"]["accuracy"] - 0.02
+    assert figures["fp32"]["accuracy"] > 0.85
+    saved = []
+    for index, site in enumerate(sites):
+        path = tmp_path / f"site{index}.pt"
+        quant.save_torchscript(site.int8_model, site.example_inputs, path, backend)
+        saved.append(int8_tensors(torch.jit.load(path)))
+    for other in saved[1:]:
+        assert saved[0].keys() == other.keys()
+        assert all(torch.equal(saved[0][name], other[name]) for name in saved[0])
