@@ -61,7 +61,7 @@ def metrics_table(site_name, metrics):
 
 def summary(site_outputs):
     """A metrics table per site, or a plain 'finished' line where no metrics.json was written."""
-    blocks = []
+    blocks, federation = [], {}
     for index, output in enumerate(site_outputs, start=1):
         name = f"client_{index}"
         metrics_path = output / "metrics.json"
@@ -74,4 +74,8 @@ def summary(site_outputs):
             blocks.append(f"[{name}] finished, but {metrics_path} is not valid JSON: {error}")
             continue
         blocks.append(metrics_table(name, metrics))
+        federation = metrics.get("federation", {})
+    if "fp32" in federation and "int8" in federation:
+        blocks.append(f"federation ({federation['n_sites']} sites, {federation['n_test']} test samples): "
+                      f"accuracy fp32 {federation['fp32']['accuracy']:.4f}, int8 {federation['int8']['accuracy']:.4f}")
     return "\n\n".join(blocks)

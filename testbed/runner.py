@@ -1,4 +1,5 @@
 """run_federation: N sites as local processes, driven the way the FeatureCloud controller does."""
+import os
 import shutil
 import tempfile
 import time
@@ -57,8 +58,9 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
     relay = Relay(sites, relay_filter)
     ok, failed_site, message = False, None, "interrupted"
     try:
+        threads = max(1, (os.cpu_count() or 1) // len(sites))
         for site in sites:
-            site.start(app, None if generic_dir is None else Path(generic_dir))
+            site.start(app, None if generic_dir is None else Path(generic_dir), threads)
         _setup_all(sites, deadline)
         if on_started is not None:
             on_started([site.port for site in sites])

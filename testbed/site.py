@@ -66,7 +66,7 @@ class Site:
 
     # --- process -------------------------------------------------------------------------
 
-    def start(self, app_path, generic_dir):
+    def start(self, app_path, generic_dir, threads):
         merge_input_dir(self.client_dir, generic_dir, self.input_dir)
         self.output_dir.mkdir(parents=True)
         self.port = free_port()
@@ -75,6 +75,9 @@ class Site:
                    FC_OUTPUT_DIR=str(self.output_dir), PYTHONUNBUFFERED="1")
         # Short engine sleeps unless the caller asked for the real ones (FC_FAST_ENGINE=0).
         env.setdefault("FC_FAST_ENGINE", "1")
+        # The sites share this machine's cores: without a cap each torch process starts one
+        # thread per core and they slow each other down.
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # Own session: stopping the site kills the whole process group it may spawn.
