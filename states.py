@@ -136,7 +136,7 @@ class Aggregate(FederatedState):
         site = self.site
         reference = site.update_tensors()
         updates = [(sender, site.read_message(message, sender), meta)
-                   for sender, message, meta in self.gather(f"update_{round_number}")]
+                   for sender, message, meta in self.gather(f"update_{round_number}", "update")]
         for sender, tensors, _ in updates:
             check_update(reference, tensors, sender)
         self.store("updates_meta", [meta for *_, meta in updates])
@@ -170,11 +170,15 @@ class Quantize(FederatedState):
     def run(self):
         site = self.site
         self.show("calibrating observers", 0.86)
-        self.send_to_coordinator("calibration", site.calibration_stats())
+        own_stats = site.calibration_stats()
+        self.send_to_coordinator("calibration", own_stats)
         if self.is_coordinator:
             reports = self.gather("calibration")
-            self.broadcast("qparams", site.merge_calibration([tensors for _, tensors, _ in reports]))
+            for sender, stats, _ in reports:
+                check_update(own_stats, stats, sender, allow_infinite=True)
+            self.broadcast("qparams", site.merge_calibration([stats for _, stats, _ in reports]))
         merged_stats, _ = self.await_broadcast("qparams")
+        check_update(own_stats, merged_stats, self.coordintor_id, allow_infinite=True)
         self.show("converting to int8", 0.9)
         site.convert(merged_stats)
         return "write_results"

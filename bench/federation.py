@@ -24,7 +24,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 
 from bench.simulate import SAMPLE_CLIENTS, SAMPLE_GENERIC, pooled_sample
 from testbed.runner import DEFAULT_QUERY_INTERVAL_S, run_federation

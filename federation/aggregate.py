@@ -32,8 +32,12 @@ def weighted_average(states, weights):
     return averaged
 
 
-def check_update(reference, update, sender):
-    """Raise UpdateError unless `update` has the reference's keys, shapes and dtypes, all finite."""
+def check_update(reference, update, sender, allow_infinite=False):
+    """Raise UpdateError unless `update` has the reference's keys, shapes and dtypes, all finite.
+
+    `allow_infinite`: for observer statistics, where an observer that saw no data keeps its
+    initial +-inf range; NaN is still refused.
+    """
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing or extra:
@@ -44,7 +48,9 @@ def check_update(reference, update, sender):
         if got.shape != expected.shape or got.dtype != expected.dtype:
             raise UpdateError(f"update from site {sender}: '{name}' is {got.dtype}{list(got.shape)}, "
                               f"expected {expected.dtype}{list(expected.shape)}")
-        if got.is_floating_point() and not torch.isfinite(got).all():
+        if not got.is_floating_point():
+            continue
+        if torch.isnan(got).any() or not (allow_infinite or torch.isfinite(got).all()):
             raise UpdateError(f"update from site {sender}: '{name}' has NaN or infinite values")
 
 

@@ -12,6 +12,7 @@ REPORT_FIELDS = {
     "update": {"n_train": int, "train_loss": _NUMBER, "train_accuracy": _NUMBER},
     "test": {"n_test": int, "test_loss": _NUMBER, "test_accuracy": _NUMBER},
     "results": {"n_train": int, "n_test": int, "fp32": dict, "int8": dict},
+    "figures": {"accuracy": _NUMBER, "loss": _NUMBER},
 }
 
 
@@ -27,6 +28,9 @@ def check_report(kind, meta, sender):
             raise SiteMismatchError(f"site {sender} sent a {kind} report whose '{key}' is {value!r}")
         if key.startswith("n_") and value < 1:
             raise SiteMismatchError(f"site {sender} sent a {kind} report whose '{key}' is {value!r}")
+    if kind == "results":
+        for precision in ("fp32", "int8"):
+            check_report("figures", meta[precision], sender)
 
 
 def check_sites_fit(summaries):

@@ -73,5 +73,32 @@ def make_client(target, source=SAMPLE_CLIENTS[0], files=None):
     return target
 
 
+def assert_every_site_holds_the_same_models(site_outputs):
+    """fp32 state_dicts and int8 TorchScript models equal, tensor by tensor, at every site."""
+    fp32 = [torch.load(site_dir / "model_fp32.pt", weights_only=True) for site_dir in site_outputs]
+    int8 = [int8_tensors(torch.jit.load(site_dir / "model_int8.pt")) for site_dir in site_outputs]
+    for other_fp32, other_int8 in zip(fp32[1:], int8[1:]):
+        assert fp32[0].keys() == other_fp32.keys()
+        assert all(torch.equal(fp32[0][name], other_fp32[name]) for name in fp32[0])
+        assert int8[0].keys() == other_int8.keys()
+        assert all(torch.equal(int8[0][name], other_int8[name]) for name in int8[0])
+
+
+def assert_saved_models_reproduce_the_metrics(client_dirs, site_outputs, backend):
+    """model_int8.pt (no model code) and model_fp32.pt (in the user's class, weights_only) give
+    the accuracies metrics.json reports, on each site's test set."""
+    import pytest
+
+    torch.backends.quantized.engine = backend
+    for client_dir, site_dir in zip(client_dirs, site_outputs):
+        metrics = read_metrics(site_dir)
+        test_file = client_dir / "test_dataset.pth"
+        scripted = torch.jit.load(site_dir / "model_int8.pt")
+        assert accuracy_of(scripted, test_file) == pytest.approx(metrics["int8"]["accuracy"], abs=1e-6)
+        model = load_user_model(SAMPLE / "generic" / "mnist_model.py")
+        model.load_state_dict(torch.load(site_dir / "model_fp32.pt", weights_only=True))
+        assert accuracy_of(model.eval(), test_file) == pytest.approx(metrics["fp32"]["accuracy"], abs=1e-6)
+
+
 # Short runs for tests that need the real app but not its accuracy.
 QUICK = {"max_iter": 2, "epochs": 1, "calibration_batches": 4}

@@ -74,3 +74,21 @@ def test_malformed_reports_name_the_sender(kind, meta, text):
 def test_well_formed_report_passes():
     from federation.summary import check_report
     check_report("update", {"n_train": 10, "train_loss": 0.5, "train_accuracy": 1}, "s1")
+
+
+def test_observer_ranges_may_be_infinite_but_never_nan():
+    reference = {"obs.min_val": torch.tensor([0.0]), "obs.max_val": torch.tensor([1.0])}
+    unseen = {"obs.min_val": torch.tensor([float("inf")]), "obs.max_val": torch.tensor([float("-inf")])}
+    check_update(reference, unseen, "s1", allow_infinite=True)
+    with pytest.raises(UpdateError, match="NaN or infinite"):
+        check_update(reference, unseen, "s1")
+    with pytest.raises(UpdateError, match="site s1: 'obs.max_val' has NaN"):
+        check_update(reference, {**unseen, "obs.max_val": torch.tensor([float("nan")])}, "s1", allow_infinite=True)
+
+
+def test_results_report_figures_are_checked():
+    from federation.summary import SiteMismatchError, check_report
+    good = {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1}, "int8": {"accuracy": 0.9, "loss": 0.1}}
+    check_report("results", good, "s3")
+    with pytest.raises(SiteMismatchError, match="site s3 sent a figures report whose 'accuracy' is 'high'"):
+        check_report("results", {**good, "int8": {"accuracy": "high", "loss": 0.1}}, "s3")

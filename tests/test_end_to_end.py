@@ -2,11 +2,10 @@
 import csv
 
 import pytest
-import torch
 
 import testbed
-from tests.e2e_helpers import (SAMPLE, SAMPLE_CLIENTS, accuracy_of, int8_tensors, load_user_model,
-                               read_metrics)
+from tests.e2e_helpers import (SAMPLE, SAMPLE_CLIENTS, assert_every_site_holds_the_same_models,
+                               assert_saved_models_reproduce_the_metrics, read_metrics)
 
 OUTPUT_FILES = ["config.yml", "model_fp32.pt", "model_int8.pt", "metrics.json", "metrics.csv",
                 "report.html", "y_test.csv", "y_pred.csv"]
@@ -60,21 +59,8 @@ def test_federation_figures_meet_the_targets_and_agree_across_sites(run):
 
 
 def test_every_site_holds_the_same_models(run):
-    fp32 = [torch.load(site_dir / "model_fp32.pt", weights_only=True) for site_dir in run.site_outputs]
-    int8 = [int8_tensors(torch.jit.load(site_dir / "model_int8.pt")) for site_dir in run.site_outputs]
-    for other_fp32, other_int8 in zip(fp32[1:], int8[1:]):
-        assert all(torch.equal(fp32[0][name], other_fp32[name]) for name in fp32[0])
-        assert int8[0].keys() == other_int8.keys()
-        assert all(torch.equal(int8[0][name], other_int8[name]) for name in int8[0])
+    assert_every_site_holds_the_same_models(run.site_outputs)
 
 
 def test_saved_models_reproduce_the_reported_accuracy(run):
-    torch.backends.quantized.engine = "x86"
-    for client_dir, site_dir in zip(SAMPLE_CLIENTS, run.site_outputs):
-        metrics = read_metrics(site_dir)
-        test_file = client_dir / "test_dataset.pth"
-        scripted = torch.jit.load(site_dir / "model_int8.pt")
-        assert accuracy_of(scripted, test_file) == pytest.approx(metrics["int8"]["accuracy"], abs=1e-6)
-        model = load_user_model(SAMPLE / "generic" / "mnist_model.py")
-        model.load_state_dict(torch.load(site_dir / "model_fp32.pt", weights_only=True))
-        assert accuracy_of(model.eval(), test_file) == pytest.approx(metrics["fp32"]["accuracy"], abs=1e-6)
+    assert_saved_models_reproduce_the_metrics(SAMPLE_CLIENTS, run.site_outputs, "x86")

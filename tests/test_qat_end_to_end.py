@@ -2,11 +2,10 @@
 import json
 
 import pytest
-import torch
 
 import testbed
-from tests.e2e_helpers import (REPO, SAMPLE, SAMPLE_CLIENTS, accuracy_of, int8_tensors, load_user_model,
-                               make_generic, read_metrics)
+from tests.e2e_helpers import (REPO, SAMPLE_CLIENTS, assert_every_site_holds_the_same_models,
+                               assert_saved_models_reproduce_the_metrics, make_generic, read_metrics)
 
 CUSTOM_TRAIN = REPO / "tests" / "fixtures" / "custom_train" / "train.py"
 ROUNDS = 3
@@ -46,21 +45,9 @@ def test_the_custom_train_function_trained_every_round(run):
 
 
 def test_every_site_holds_the_same_int8_and_float_models(run):
-    int8 = [int8_tensors(torch.jit.load(site_dir / "model_int8.pt")) for site_dir in run.site_outputs]
-    fp32 = [torch.load(site_dir / "model_fp32.pt", weights_only=True) for site_dir in run.site_outputs]
-    for other_int8, other_fp32 in zip(int8[1:], fp32[1:]):
-        assert int8[0].keys() == other_int8.keys()
-        assert all(torch.equal(int8[0][name], other_int8[name]) for name in int8[0])
-        assert all(torch.equal(fp32[0][name], other_fp32[name]) for name in fp32[0])
+    assert_every_site_holds_the_same_models(run.site_outputs)
 
 
 def test_saved_models_reproduce_the_reported_accuracy(run):
-    torch.backends.quantized.engine = "fbgemm"
-    for client_dir, site_dir in zip(SAMPLE_CLIENTS, run.site_outputs):
-        metrics = read_metrics(site_dir)
-        test_file = client_dir / "test_dataset.pth"
-        assert accuracy_of(torch.jit.load(site_dir / "model_int8.pt"), test_file) == pytest.approx(
-            metrics["int8"]["accuracy"], abs=1e-6)
-        model = load_user_model(SAMPLE / "generic" / "mnist_model.py")  # the user's class
-        model.load_state_dict(torch.load(site_dir / "model_fp32.pt", weights_only=True))
-        assert accuracy_of(model.eval(), test_file) == pytest.approx(metrics["fp32"]["accuracy"], abs=1e-6)
+    # model_fp32.pt holds the QAT-trained float weights in the user's class.
+    assert_saved_models_reproduce_the_metrics(SAMPLE_CLIENTS, run.site_outputs, "fbgemm")

@@ -1,6 +1,4 @@
 """testbed.split: sources (torchvision, .pth), iid/dirichlet splits, written client dirs. No download."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
