@@ -17,8 +17,8 @@ point. Two rules:
 * Call the model through `forward_quant(model, inputs)`, not `model(inputs)`: with
   `quant_type: qat` the model is prepared for quantization-aware training, and `forward_quant`
   is what feeds it correctly. For a float model it is the same as `model(inputs)`.
-* Train `model` in place. Returning `{"loss": ..., "accuracy": ...}` is optional; the app
-  records it in the metrics when you do.
+* Train `model` in place; what it returns is ignored. After every round the app measures
+  the train loss and accuracy itself, the same way for its own loop and for yours.
 """
 from dataclasses import dataclass
 
