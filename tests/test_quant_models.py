@@ -12,36 +12,19 @@ import torch
 from torch import nn
 
 import quant
+from inputs.model_file import import_python_file
 
 # --- models ---------------------------------------------------------------------
 
 
-class LeNet(nn.Module):
-    """The seed's MNIST LeNet (1x28x28)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3)
-        self.relu1 = nn.ReLU()
-        self.pool1 = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(6, 16, 3)
-        self.relu2 = nn.ReLU()
-        self.pool2 = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(400, 120)
-        self.relu3 = nn.ReLU()
-        self.fc2 = nn.Linear(120, 84)
-        self.relu4 = nn.ReLU()
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool1(self.relu1(self.conv1(x)))
-        x = self.pool2(self.relu2(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        return self.fc3(self.relu4(self.fc2(self.relu3(self.fc1(x)))))
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# The seed's models as users get them: the sample's LeNet (1x28x28) and the CIFAR-10 net.
+LeNet = import_python_file(REPO / "data" / "sample" / "generic" / "mnist_model.py", "model").Model
+CifarModel = import_python_file(REPO / "data" / "models" / "cifar_model.py", "model").Model
 
 
 class CifarNet(nn.Module):
-    """PyTorch's classic tutorial CIFAR net (3x32x32), functional relus."""
+    """PyTorch's classic tutorial CIFAR net (3x32x32) written with functional relus."""
 
     def __init__(self):
         super().__init__()
@@ -212,7 +195,7 @@ def relative_error(reference, output):
 
 # --- tests: models that quantize --------------------------------------------------
 
-TRACEABLE = [(LeNet, (1, 28, 28)), (CifarNet, (3, 32, 32)), (BnResidualNet, (1, 28, 28)), (DropoutNet, (1, 28, 28))]
+TRACEABLE = [(LeNet, (1, 28, 28)), (CifarModel, (3, 32, 32)), (CifarNet, (3, 32, 32)), (BnResidualNet, (1, 28, 28)), (DropoutNet, (1, 28, 28))]
 
 
 def _quantize(model, batches, backend, quant_type):
