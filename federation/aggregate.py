@@ -54,20 +54,25 @@ def check_update(reference, update, sender, allow_infinite=False):
             raise UpdateError(f"update from site {sender}: '{name}' has NaN or infinite values")
 
 
-# Updates carry two kinds of tensors, told apart by a prefix: weights (parameters and
-# buffers, averaged) and quantization observer statistics (ranges, merged: averaging a
-# range would shrink it below what some site saw).
+# Updates carry up to three kinds of tensors, told apart by a prefix: weights (parameters
+# and buffers, averaged), quantization observer statistics (ranges, merged: averaging a
+# range would shrink it below what some site saw) and SCAFFOLD's control variates (one per
+# trainable parameter, averaged like the weights).
 WEIGHTS = "w/"
 OBSERVERS = "q/"
+CONTROLS = "c/"
 
 
 def federated_average(updates, weights):
-    """Combine prefixed updates: average the weights, merge the observer statistics."""
+    """Combine prefixed updates: average the weights and control variates, merge the
+    observer statistics."""
     parts = [split(update) for update in updates]
     averaged = weighted_average([weights_part for weights_part, _ in parts], weights)
     observer_stats = [stats for _, stats in parts]
     merged = quant.merge_observer_stats(observer_stats) if observer_stats[0] else {}
-    return join(averaged, merged)
+    controls = [control_variates(update) for update in updates]
+    averaged_controls = weighted_average(controls, weights) if controls[0] else {}
+    return join(averaged, merged, averaged_controls)
 
 
 def _strip(tensors, prefix):
@@ -79,7 +84,13 @@ def split(tensors):
     return _strip(tensors, WEIGHTS), _strip(tensors, OBSERVERS)
 
 
-def join(weights, observer_stats):
-    """The prefixed form of (weights, observer statistics)."""
+def control_variates(tensors):
+    """SCAFFOLD's control variates of a prefixed update or global model (empty without)."""
+    return _strip(tensors, CONTROLS)
+
+
+def join(weights, observer_stats, controls=None):
+    """The prefixed form of (weights, observer statistics, control variates)."""
     return {**{WEIGHTS + k: v for k, v in weights.items()},
-            **{OBSERVERS + k: v for k, v in observer_stats.items()}}
+            **{OBSERVERS + k: v for k, v in observer_stats.items()},
+            **{CONTROLS + k: v for k, v in (controls or {}).items()}}

@@ -1,6 +1,7 @@
 """Server-side aggregation: how the coordinator turns the sites' average into the next global.
 
-`fedavg` takes the weighted average as the next global model. `fedavgm` (Hsu et al., 2019)
+`fedavg` takes the weighted average as the next global model (so does `scaffold`, whose
+control variates are averaged alongside the weights and used by the sites). `fedavgm` (Hsu et al., 2019)
 and `fedadam` (Reddi et al., 2021, "Adaptive Federated Optimization") treat
 `average - previous global` as a pseudo-gradient and run momentum or Adam on it at the
 coordinator; that state lives across rounds in one `ServerOptimizer` object.
@@ -12,7 +13,7 @@ import torch
 
 from inputs.config import AGGREGATIONS
 # Defaults per aggregation, chosen on the sample data with bench/federated_quality.py.
-DEFAULT_LEARNING_RATES = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.03}
+DEFAULT_LEARNING_RATES = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.03, "scaffold": 1.0}
 
 
 class ServerOptimizer:
@@ -37,7 +38,7 @@ class ServerOptimizer:
     def step(self, previous, averaged, parameter_names):
         """The next global state: `averaged` with every name in `parameter_names` replaced by
         previous + the optimizer's step along (averaged - previous)."""
-        if self.aggregation == "fedavg":
+        if self.aggregation in ("fedavg", "scaffold"):  # scaffold's work is at the sites
             return dict(averaged)
         next_global = dict(averaged)
         for name in parameter_names:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import quant
-from federation.aggregate import WEIGHTS, join, split
+from federation.aggregate import WEIGHTS, control_variates, join, split
 from federation.compress import compress, decompress
 from inputs.config import CONFIG_FILE, load_config
 from inputs.datasets import describe_dataset, load_dataset
@@ -21,6 +21,7 @@ from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
 from inputs.train_function import call_train_function, load_train_function
 from training import evaluate, make_loader, seed_everything, train
+from training.scaffold import ControlVariates
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Site:
     optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
     device: str = "cpu"          # where training and float evaluation run (config `device`)
     global_tensors: dict = None  # the last global model received: what int8 deltas refer to
+    control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
     prepared: torch.nn.Module = None  # the model with observers (PTQ) or fake quantization (QAT)
     int8_model: torch.nn.Module = None
     predictions: dict = field(default_factory=dict)
@@ -77,6 +79,7 @@ class Site:
         if config.train_function:
             train_function = load_train_function(input_dir / config.train_function)
             _check_fedprox_support(train_function, config, input_dir / config.train_function)
+            _check_scaffold_support(train_function, config, input_dir / config.train_function)
         return cls(input_dir, config, model, train_loader, test_loader, train_info, test_info,
                    train_function, device=resolve_device(config.device, input_dir / CONFIG_FILE))
 
@@ -118,9 +121,22 @@ class Site:
         return self.round
 
     def update_tensors(self):
-        """What this site contributes to averaging: weights (+ observer statistics under QAT)."""
+        """What this site contributes to averaging: weights (+ observer statistics under QAT,
+        + its control variate c_i under SCAFFOLD: averaged, they are the next global's c)."""
         observer_stats = quant.observer_stats(self.prepared) if self.prepared is not None else {}
-        return join(quant.float_state(self.trained_model), observer_stats)
+        controls = self.local_control() if self.uses_scaffold else None
+        return join(quant.float_state(self.trained_model), observer_stats, controls)
+
+    @property
+    def uses_scaffold(self):
+        return self.config.aggregation == "scaffold"
+
+    def local_control(self):
+        """SCAFFOLD's c_i by parameter name: zeros until the first round has trained."""
+        if self.control is None:
+            return {name: torch.zeros(parameter.shape)
+                    for name, parameter in self.trained_model.named_parameters()}
+        return self.control
 
     def parameter_names(self):
         """The update entries that are trainable parameters (what a server optimizer steps)."""
@@ -166,11 +182,18 @@ class Site:
 
     def train_round(self):
         """Train the global model on this site's data; return loss/accuracy on the train set."""
+        # SCAFFOLD: the correction c - c_i (c came with the global model); it records the
+        # round's gradients, whose mean is this site's next c_i.
+        control = ControlVariates(control_variates(self.global_tensors), self.local_control()) \
+            if self.uses_scaffold else None
         with self.timed("train"), self.on_device() as device:
             call_train_function(self.train_function, self.trained_model, self.train_loader,
                                 self.config.epochs, self.config.learning_rate,
                                 optimizer=self.round_optimizer(), device=device,
-                                **self._fedprox_arguments())
+                                **self._fedprox_arguments(), **({"control": control} if control else {}))
+        if control is not None:
+            self.control = control.updated_local(
+                {name: parameter.shape for name, parameter in self.trained_model.named_parameters()})
         # Measured the same way for the app's own loop and for custom train functions.
         with self.timed("evaluate"), self.on_device() as device:
             result = evaluate(self.trained_model, self.train_loader, device=device)
@@ -258,6 +281,20 @@ def resolve_device(device, config_path):
         raise InputError(config_path, "is cuda, but PyTorch sees no GPU on this machine "
                          "(use auto or cpu)", key="device")
     return device
+
+
+def _check_scaffold_support(train_function, config, path):
+    """aggregation: scaffold with a train function that cannot take `control=` would train
+    without the correction while the federation believes it is corrected."""
+    if config.aggregation != "scaffold":
+        return
+    try:
+        inspect.signature(train_function).bind_partial(control=None)
+    except TypeError:
+        raise InputError(path, "config sets aggregation: scaffold, but train() accepts no "
+                         "control= keyword (see training/loop.py)", key="train_function") from None
+    except ValueError:
+        pass  # no readable signature: trust it
 
 
 def _check_fedprox_support(train_function, config, path):

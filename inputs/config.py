@@ -15,7 +15,7 @@ CONFIG_FILE = "config.yml"
 APP_KEY = "fc_quantization"
 
 BACKENDS = ("fbgemm", "qnnpack", "x86")
-AGGREGATIONS = ("fedavg", "fedavgm", "fedadam")
+AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "scaffold")
 DEVICES = ("auto", "cpu", "cuda")
 COMMUNICATIONS = ("float32", "int8")
 QUANT_TYPES = ("post_static", "qat")
@@ -48,7 +48,8 @@ class AppConfig:
     qat_freeze_bn_round: int | None = None
     qat_freeze_observers_round: int | None = None
     # Federated training (docs/federated.md): the coordinator's aggregation (fedavg, or
-    # fedavgm / fedadam with a server learning rate: null takes the aggregation's default),
+    # fedavgm / fedadam with a server learning rate: null takes the aggregation's default;
+    # scaffold: fedavg plus SCAFFOLD's control variates at every site),
     # FedProx's proximal weight, where training runs, and how updates travel.
     aggregation: str = "fedavg"
     server_learning_rate: float | None = None
@@ -150,6 +151,10 @@ def parse_config(document, path=CONFIG_FILE):
     if config.quant_type == "qat" and config.qat_warmup_rounds >= config.max_iter:
         raise InputError(path, f"must be less than max_iter ({config.max_iter}), so that some "
                          "rounds train with fake quantization", key="qat_warmup_rounds")
+    if config.aggregation == "scaffold" and config.quant_type == "qat":
+        # QAT renames the trained parameters mid-run; control variates are kept by name.
+        raise InputError(path, "scaffold does not combine with quant_type: qat (use fedavg, "
+                         "fedavgm or fedadam, or quant_type: post_static)", key="aggregation")
     return config
 
 

@@ -11,7 +11,9 @@ and may also accept `optimizer=None` (the app then passes one optimizer per site
 across rounds, so Adam's moments are not reset every round), `device="cpu"` (where to train:
 the app moves the model there and back), and `mu=0.0, global_weights=None` (FedProx: with
 `mu: 0.01` in config.yml the app passes the round's global parameters by name; add
-`proximal_term(model, global_weights, mu)` to the loss). Copy `train` below as a starting
+`proximal_term(model, global_weights, mu)` to the loss), and `control=None` (SCAFFOLD: with
+`aggregation: scaffold` the app passes a `training.scaffold.ControlVariates`; call
+`control.correct(model)` between `loss.backward()` and `optimizer.step()`). Copy `train` below as a starting
 point. Two rules:
 
 * Call the model through `forward_quant(model, inputs)`, not `model(inputs)`: with
@@ -29,10 +31,10 @@ from quant import forward_quant
 
 
 def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu",
-          mu=0.0, global_weights=None) -> dict:
+          mu=0.0, global_weights=None, control=None) -> dict:
     """Train `model` in place for `epochs` passes over `train_loader` with Adam and cross-entropy
     (+ FedProx's proximal term when `mu` > 0: `global_weights` then maps parameter names to the
-    round's global values).
+    round's global values; + SCAFFOLD's gradient correction when `control` is given).
 
     Returns {"loss": mean loss per sample in the last epoch, "accuracy": its training accuracy}.
     """
@@ -59,6 +61,8 @@ def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cp
             loss = loss_function(logits, labels)
             objective = loss + proximal_term(model, global_weights, mu) if mu > 0 else loss
             objective.backward()
+            if control is not None:
+                control.correct(model)  # SCAFFOLD: g - c_i + c
             optimizer.step()
             # Weight each batch by its size: the last batch is usually smaller.
             loss_sum += loss.item() * len(labels)
