@@ -43,6 +43,7 @@ class Site:
     control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
     prepared: torch.nn.Module = None  # the model with observers (PTQ) or fake quantization (QAT)
     int8_model: torch.nn.Module = None
+    float_model: torch.nn.Module = None  # set with the int8 model: what model_fp32.pt holds
     predictions: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # compute time by activity
     bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
@@ -249,14 +250,9 @@ class Site:
                 quant.load_observer_stats(self.prepared, merged_stats)
             quant.set_engine(self.config.backend)
             self.int8_model = quant.convert(self.prepared)
+        # The final float model in the user's class (QAT: its trained float weights).
+        self.float_model = quant.to_float_model(self.prepared, self.model) if self.is_qat else self.model
         return self.int8_model
-
-    @property
-    def float_model(self):
-        """The final global model in the user's class (QAT: its trained float weights)."""
-        if self.is_qat:
-            return quant.to_float_model(self.prepared, self.model)
-        return self.model
 
     def final_results(self):
         """fp32 vs int8 on this site's test set: accuracy, loss, size, latency."""
