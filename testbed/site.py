@@ -128,7 +128,13 @@ class Site:
         try:
             return self._call(method, path, **kwargs)
         except (urllib.error.URLError, OSError) as error:
-            self.check_alive()  # a dead process is the clearer message
+            # A refused or reset connection often means the process is dying: give it a
+            # moment to exit, because a dead process is the clearer message.
+            try:
+                self.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            self.check_alive()
             raise SiteFailure(self, f"{method} /{path} failed: {error}") from error
 
     def setup(self, coordinator, client_ids, wait_s, deadline):

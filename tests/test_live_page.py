@@ -34,16 +34,31 @@ def small_client_dirs(tmp_path, n_sites=2):
             inputs, labels = torch.load(source / name, weights_only=True)
             torch.save((inputs[:count].clone(), labels[:count].clone()), target / name)
         client_dirs.append(target)
+    (client_dirs[0] / "slow.txt").write_text("the coordinator trains slowly")
     return client_dirs
+
+
+# The coordinator's rounds last a second, so that the poller sees it in local_train and the
+# other site waiting in aggregate, however fast the machine is.
+SLOW_TRAIN = """
+import os, time
+from training import train as default_train
+
+def train(model, train_loader, epochs, learning_rate):
+    if os.path.exists(os.path.join(os.environ["FC_INPUT_DIR"], "slow.txt")):
+        time.sleep(1.0)
+    return default_train(model, train_loader, epochs, learning_rate)
+"""
 
 
 def short_generic_dir(tmp_path):
     """The sample's generic dir with a config that keeps the run short."""
     generic = tmp_path / "generic"
     shutil.copytree(SAMPLE / "generic", generic)
+    (generic / "slow_train.py").write_text(SLOW_TRAIN)
     config_file = generic / "config.yml"
     config = yaml.safe_load(config_file.read_text())
-    config["fc_quantization"].update(max_iter=MAX_ITER, epochs=1)
+    config["fc_quantization"].update(max_iter=MAX_ITER, epochs=1, train_function="slow_train.py")
     config_file.write_text(yaml.safe_dump(config))
     return generic
 
