@@ -10,7 +10,6 @@ import bottle
 from FeatureCloud.app.api.http_ctrl import api_server
 from FeatureCloud.app.engine.app import app
 
-import quant  # noqa: F401  (filters torch.ao's deprecation warnings before anything else uses it)
 import states  # noqa: F401  (registers the states with the engine's app)
 from federation import engine
 from webui import live_status, web_server
