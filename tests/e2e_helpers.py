@@ -21,21 +21,49 @@ def load_user_model(model_file, class_name="Model"):
     return getattr(module, class_name)()
 
 
-def int8_tensors(scripted):
-    """Every tensor of a TorchScript int8 model, quantized ones as (int values, scales, zero points)."""
+def int8_tensors(model):
+    """Every value that defines an int8 model (eager, FX or TorchScript): its state_dict and each
+    layer's packed weight and bias, quantized tensors as int values, scales and zero points,
+    plus each layer's output scale and zero point. A scripted model's state_dict alone holds
+    almost nothing: its weights live in packed parameters."""
     flat = {}
-    for name, value in scripted.state_dict().items():
-        if isinstance(value, torch.Tensor) and value.is_quantized:
-            flat[name + ".int_repr"] = value.int_repr()
+
+    def add(key, value):
+        if isinstance(value, (tuple, list)):
+            for index, item in enumerate(value):
+                add(f"{key}.{index}", item)
+        elif isinstance(value, torch.Tensor) and value.is_quantized:
+            flat[key + ".int_repr"] = value.int_repr()
             if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                flat[name + ".scales"] = value.q_per_channel_scales()
-                flat[name + ".zero_points"] = value.q_per_channel_zero_points()
+                flat[key + ".scales"] = value.q_per_channel_scales()
+                flat[key + ".zero_points"] = value.q_per_channel_zero_points()
             else:
-                flat[name + ".scale"] = torch.tensor(value.q_scale())
-                flat[name + ".zero_point"] = torch.tensor(value.q_zero_point())
-        elif isinstance(value, torch.Tensor):
-            flat[name] = value
+                flat[key + ".scale"] = torch.tensor(value.q_scale())
+                flat[key + ".zero_point"] = torch.tensor(value.q_zero_point())
+        else:  # plain tensors, and dtypes / numbers / None inside packed parameters
+            flat[key] = value
+
+    for key, value in model.state_dict().items():
+        add(key, value)
+    for name, module in model.named_modules():
+        packed = getattr(module, "_packed_params", None)
+        if isinstance(packed, torch.ScriptObject):
+            add(f"{name}.packed", packed.unpack()[:2])
+        for attribute in ("scale", "zero_point"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, (int, float)):
+                add(f"{name}.{attribute}", value)
     return flat
+
+
+def assert_identical(first, second):
+    """Two int8_tensors results are equal value for value (tensors: dtype and bits)."""
+    assert first.keys() == second.keys()
+    for key in first:
+        if isinstance(first[key], torch.Tensor):
+            assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+        else:
+            assert first[key] == second[key], key
 
 
 def accuracy_of(model, dataset_file):
@@ -78,10 +106,8 @@ def assert_every_site_holds_the_same_models(site_outputs):
     fp32 = [torch.load(site_dir / "model_fp32.pt", weights_only=True) for site_dir in site_outputs]
     int8 = [int8_tensors(torch.jit.load(site_dir / "model_int8.pt")) for site_dir in site_outputs]
     for other_fp32, other_int8 in zip(fp32[1:], int8[1:]):
-        assert fp32[0].keys() == other_fp32.keys()
-        assert all(torch.equal(fp32[0][name], other_fp32[name]) for name in fp32[0])
-        assert int8[0].keys() == other_int8.keys()
-        assert all(torch.equal(int8[0][name], other_int8[name]) for name in int8[0])
+        assert_identical(fp32[0], other_fp32)
+        assert_identical(int8[0], other_int8)
 
 
 def assert_saved_models_reproduce_the_metrics(client_dirs, site_outputs, backend):

@@ -4,7 +4,7 @@ import torch
 
 import quant
 from bench.simulate import SAMPLE_CLIENTS, SAMPLE_GENERIC, load_sites, quantize_sites, run_rounds
-from tests.e2e_helpers import int8_tensors
+from tests.e2e_helpers import assert_identical, int8_tensors
 
 
 @pytest.mark.parametrize("backend, quant_type", [("x86", "post_static"), ("fbgemm", "post_static"),
@@ -23,5 +23,4 @@ def test_backend_gives_every_site_the_same_int8_model(backend, quant_type, tmp_p
         quant.save_torchscript(site.int8_model, site.example_inputs, path, backend)
         saved.append(int8_tensors(torch.jit.load(path)))
     for other in saved[1:]:
-        assert saved[0].keys() == other.keys()
-        assert all(torch.equal(saved[0][name], other[name]) for name in saved[0])
+        assert_identical(saved[0], other)

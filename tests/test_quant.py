@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import quant
+from tests.e2e_helpers import assert_identical, int8_tensors
 from tests.test_quant_models import BnResidualNet, BranchingNet, LeNet, image_batches
 
 
@@ -126,42 +127,10 @@ def _loaded(prepared, stats):
     return local
 
 
-def _flat_int8_state(model):
-    """The int8 state_dict as plain tensors: int_repr and qparams of quantized tensors."""
-    flat = {}
-
-    def add(key, value):
-        if isinstance(value, (tuple, list)):
-            for index, item in enumerate(value):
-                add(f"{key}.{index}", item)
-        elif isinstance(value, torch.Tensor) and value.is_quantized:
-            flat[key + ".int_repr"] = value.int_repr()
-            if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                flat[key + ".scales"] = value.q_per_channel_scales()
-                flat[key + ".zero_points"] = value.q_per_channel_zero_points()
-            else:
-                flat[key + ".scale"] = torch.tensor(value.q_scale())
-                flat[key + ".zero_point"] = torch.tensor(value.q_zero_point())
-        else:  # plain tensors, and dtypes / numbers / None inside packed parameters
-            flat[key] = value
-
-    for key, value in model.state_dict().items():
-        add(key, value)
-    return flat
-
-
-def _assert_identical(first, second):
-    assert first.keys() == second.keys()
-    for key in first:
-        if isinstance(first[key], torch.Tensor):
-            assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
-        else:
-            assert first[key] == second[key], key
-
-
 def _activation_qparams(int8_model):
-    return {k: torch.as_tensor(v) for k, v in _flat_int8_state(int8_model).items()
-            if k.endswith(("scale", "zero_point", "scale_0", "zero_point_0")) and "weight" not in k}
+    return {k: torch.as_tensor(v) for k, v in int8_tensors(int8_model).items()
+            if k.endswith(("scale", "zero_point", "scale_0", "zero_point_0")) and "weight" not in k
+            and ".packed." not in k}
 
 
 @pytest.mark.parametrize("backend", quant.BACKENDS)
@@ -171,8 +140,8 @@ def test_federated_minmax_calibration_equals_calibrating_on_the_union(backend):
     merged = quant.merge_observer_stats(_calibrated_at_sites(prepared))
     central = _calibrated_on_union(prepared)
 
-    _assert_identical(merged, quant.observer_stats(central))
-    _assert_identical(_flat_int8_state(quant.convert(_loaded(prepared, merged))), _flat_int8_state(quant.convert(central)))
+    assert_identical(merged, quant.observer_stats(central))
+    assert_identical(int8_tensors(quant.convert(_loaded(prepared, merged))), int8_tensors(quant.convert(central)))
 
 
 @pytest.mark.parametrize("backend", quant.BACKENDS)
@@ -193,12 +162,12 @@ def test_federated_histogram_calibration_is_close_to_calibrating_on_the_union(ba
             assert int((federated[key] - central[key]).abs().max()) <= 5, key
 
     # two sites loading the same merged statistics build bit-identical int8 models
-    _assert_identical(
-        _flat_int8_state(quant.convert(_loaded(prepared, merged))),
-        _flat_int8_state(quant.convert(_loaded(prepared, merged))),
+    assert_identical(
+        int8_tensors(quant.convert(_loaded(prepared, merged))),
+        int8_tensors(quant.convert(_loaded(prepared, merged))),
     )
     # and merging is deterministic
-    _assert_identical(merged, quant.merge_observer_stats(site_stats))
+    assert_identical(merged, quant.merge_observer_stats(site_stats))
 
 
 def test_histogram_merge_keeps_the_mass_and_range():
@@ -275,13 +244,13 @@ def test_qat_float_state_and_observer_stats_round_trip(model_class):
     for site in (site_a, site_b):
         quant.load_float_state(site, average)
         quant.load_observer_stats(site, merged)
-        _assert_identical(quant.float_state(site), average)
-        _assert_identical(quant.observer_stats(site), merged)
+        assert_identical(quant.float_state(site), average)
+        assert_identical(quant.observer_stats(site), merged)
         for module in site.modules():  # fake quantization uses the loaded ranges
             if hasattr(module, "fake_quant_enabled"):
                 assert torch.equal(module.scale, module.calculate_qparams()[0].to(module.scale.dtype))
         quant.freeze_qat(site)
-    _assert_identical(_flat_int8_state(quant.convert(site_a)), _flat_int8_state(quant.convert(site_b)))
+    assert_identical(int8_tensors(quant.convert(site_a)), int8_tensors(quant.convert(site_b)))
 
 
 def test_freeze_qat_disables_observers_and_freezes_batchnorm():
@@ -296,7 +265,7 @@ def test_freeze_qat_disables_observers_and_freezes_batchnorm():
     assert conv_bns and all(m.freeze_bn for m in conv_bns)
     frozen = quant.observer_stats(prepared)
     quant.forward_quant(prepared, torch.rand(4, 1, 28, 28) * 50)
-    _assert_identical(quant.observer_stats(prepared), frozen)
+    assert_identical(quant.observer_stats(prepared), frozen)
 
 
 def test_load_float_state_names_missing_and_unexpected_keys():

@@ -2,7 +2,7 @@
 import torch
 
 import testbed
-from tests.e2e_helpers import QUICK, SAMPLE_CLIENTS, int8_tensors, make_generic, read_metrics
+from tests.e2e_helpers import QUICK, SAMPLE_CLIENTS, assert_identical, int8_tensors, make_generic, read_metrics
 
 TIMING_FREE = ("rounds", "n_train", "n_test", "backend", "quant_type", "quantization_mode")
 
@@ -27,4 +27,4 @@ def test_same_seed_same_results(tmp_path):
         assert comparable(read_metrics(first)) == comparable(read_metrics(second))
         a = int8_tensors(torch.jit.load(first / "model_int8.pt"))
         b = int8_tensors(torch.jit.load(second / "model_int8.pt"))
-        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+        assert_identical(a, b)
