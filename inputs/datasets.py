@@ -122,12 +122,17 @@ def _check_inputs_dtype(dtype, path, key):
                                f"(e.g. pixels scaled to [0, 1] as float32)", key=key)
 
 
+def _is_integer(dtype):
+    """An integer dtype that can hold class indices (bool is not one)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _check_labels(labels, path, key):
     """Labels must be a 1-D tensor of integer class indices >= 0."""
     if labels.dim() != 1:
         raise InputError(path, f"labels have shape {list(labels.shape)}; expected [N] class indices "
                                f"(not one-hot vectors)", key=key)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if not _is_integer(labels.dtype):
         raise InputError(path, f"labels are {labels.dtype}; expected integer class indices "
                                f"(int64)", key=key)
     if labels.numel() and labels.min().item() < 0:
@@ -201,7 +206,7 @@ def _sample(dataset, index, path, key):
         if label.dim() != 0:
             raise InputError(path, f"sample {index}'s label has shape {list(label.shape)}; expected one "
                                    f"integer class index (not a one-hot vector)", key=key)
-        if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+        if not _is_integer(label.dtype):
             raise InputError(path, f"sample {index}'s label is {label.dtype}; expected an integer "
                                    f"class index", key=key)
         label = label.item()
