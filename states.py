@@ -1,21 +1,19 @@
-"""The app's state machine. Each state is short: it moves messages and calls the local work.
+"""The app's state machine. Each state moves messages; the Site and the Coordinator do the work.
 
 initial -> local_train -> aggregate -> (local_train | quantize) -> write_results -> terminal
 
 Every state runs at every site; inside `aggregate`, `quantize` and `write_results` only the
-coordinator gathers and broadcasts. Messages are `federation.payload` bytes (safetensors +
-JSON metadata; never pickle); ARCHITECTURE.md lists them.
+coordinator gathers and broadcasts. Messages are bytes made and read by
+`federation.messages.Codec` (safetensors + JSON metadata; never pickle); ARCHITECTURE.md lists them.
 """
 import os
 
 from FeatureCloud.app.engine.app import AppState, Role, State, app_state
 
-from federation import engine, payload
-from federation.aggregate import check_update, federated_average
-from federation.server_optimizer import ServerOptimizer
+from federation import engine
+from federation.coordinator import Coordinator
 from federation.site import Site
-from federation.summary import check_report, check_sites_fit, federation_results, federation_round
-from outputs.results import write_results
+from outputs.results import build_metrics, write_results
 from webui import live_status
 
 INPUT_DIR = os.environ.get("FC_INPUT_DIR", "/mnt/input")
@@ -23,44 +21,36 @@ OUTPUT_DIR = os.environ.get("FC_OUTPUT_DIR", "/mnt/output")
 
 
 class FederatedState(AppState):
-    """Plumbing every state shares: this site's work object, messages, progress."""
+    """Plumbing every state shares: this site, the coordinator, messages, progress."""
 
     @property
     def site(self) -> Site:
         return self.load("site")
 
-    def send_to_coordinator(self, memo, tensors=None, **meta):
-        data = payload.encode(tensors or {}, meta)
+    @property
+    def aggregator(self) -> Coordinator:
+        """The coordinator's work (`self.coordinator` is the engine's flag)."""
+        return self.load("aggregator")
+
+    def send_to_coordinator(self, memo, data):
         self.site.bytes_sent[memo] = len(data)
         self.send_data_to_coordinator(data, memo=memo)
 
-    def broadcast(self, memo, tensors=None, **meta):
-        data = payload.encode(tensors or {}, meta)
+    def broadcast(self, memo, data):
         self.site.bytes_sent[memo] = len(data)
         self.broadcast_data(data, memo=memo)
 
-    def gather(self, memo, kind=None):
-        """Coordinator: [(sender, tensors, meta)] from every site, in client order; with `kind`,
-        each site's metadata is checked to be that kind of report."""
-        received = engine.receive(self, memo, n=len(self.clients))
-        decoded = [(piece.sender, *payload.decode(piece.data, piece.sender)) for piece in received]
-        if kind:
-            for sender, _, meta in decoded:
-                check_report(kind, meta, sender)
-        return decoded
+    def gather(self, memo):
+        """Coordinator: [(sender, bytes)] from every site, in client order."""
+        return [(piece.sender, piece.data) for piece in engine.receive(self, memo, n=len(self.clients))]
 
     def await_broadcast(self, memo):
-        """(tensors, meta) of the coordinator's broadcast under `memo`."""
+        """(sender, bytes) of the coordinator's broadcast under `memo`."""
         (piece,) = engine.receive(self, memo, n=1)
-        return payload.decode(piece.data, piece.sender)
+        return piece.sender, piece.data
 
     def receive_global(self, memo):
-        """Load the coordinator's global model, once it is checked against the local one."""
-        (piece,) = engine.receive(self, memo, n=1)
-        message, meta = payload.decode(piece.data, piece.sender)
-        tensors = self.site.read_message(message, piece.sender)  # int8 deltas -> full tensors
-        check_update(self.site.update_tensors(), tensors, piece.sender)
-        self.site.load_global(tensors)
+        meta = self.site.receive_global(*self.await_broadcast(memo))
         if isinstance(meta.get("federation_accuracy"), float):
             live_status.update(federation_accuracy=meta["federation_accuracy"])
 
@@ -83,10 +73,11 @@ class Initial(FederatedState):
         site = Site.load(INPUT_DIR)
         self.store("site", site)
         live_status.update(max_iter=site.config.max_iter, round=0)
-        self.send_to_coordinator("summary", **site.summary())
+        self.send_to_coordinator("summary", site.summary_message())
         if self.is_coordinator:
-            check_sites_fit([(sender, meta) for sender, _, meta in self.gather("summary", "summary")])
-            self.broadcast("global_0", site.update_tensors())
+            self.store("aggregator", Coordinator(site))
+            self.aggregator.check_summaries(self.gather("summary"))
+            self.broadcast("global_0", self.aggregator.first_global())
         self.receive_global("global_0")
         return "local_train"
 
@@ -97,14 +88,11 @@ class LocalTrain(FederatedState):
         self.register_transition("aggregate", Role.BOTH, label="update sent")
 
     def run(self):
-        site = self.site
-        round_number = site.start_round()
-        self.show(f"round {round_number}/{site.config.max_iter}: training",
+        round_number = self.site.start_round()
+        self.show(f"round {round_number}/{self.site.config.max_iter}: training",
                   self.round_progress(round_number - 1))
         live_status.update(round=round_number)
-        train_metrics = site.train_round()
-        self.send_to_coordinator(f"update_{round_number}", site.update_message(),
-                                 n_train=site.n_train, **train_metrics)
+        self.send_to_coordinator(f"update_{round_number}", self.site.train_round())
         return "aggregate"
 
 
@@ -115,51 +103,20 @@ class Aggregate(FederatedState):
         self.register_transition("quantize", Role.BOTH, label="rounds done")
 
     def run(self):
-        site, round_number = self.site, self.site.round
+        round_number = self.site.round
         if self.is_coordinator:
             self.show(f"round {round_number}: averaging", self.round_progress(round_number))
-            # With the latest federation-wide accuracy, for the participants' status pages.
-            latest = site.federation_rounds[-1]["test_accuracy"] if site.federation_rounds else None
-            self.broadcast(f"global_{round_number}", self.average_updates(round_number),
-                           federation_accuracy=latest)
+            self.broadcast(f"global_{round_number}", self.aggregator.aggregate(self.gather(f"update_{round_number}")))
         self.receive_global(f"global_{round_number}")
-        test_metrics = site.evaluate_global()
-        live_status.update(site_accuracy=test_metrics["test_accuracy"])
-        self.send_to_coordinator(f"test_{round_number}", **test_metrics)
+        self.send_to_coordinator(f"test_{round_number}", self.site.evaluate_global())
+        live_status.update(site_accuracy=self.site.rounds[-1]["test_accuracy"])
         if self.is_coordinator:
-            self.record_federation_round(round_number)
-        return "local_train" if round_number < site.config.max_iter else "quantize"
-
-    def average_updates(self, round_number):
-        """Coordinator: average the sites' updates, let the server optimizer step from the
-        previous global, and return the next global as it travels (int8 deltas or float)."""
-        site = self.site
-        reference = site.update_tensors()
-        updates = [(sender, site.read_message(message, sender), meta)
-                   for sender, message, meta in self.gather(f"update_{round_number}", "update")]
-        for sender, tensors, _ in updates:
-            check_update(reference, tensors, sender)
-        self.store("updates_meta", [meta for *_, meta in updates])
-        averaged = federated_average([tensors for _, tensors, _ in updates],
-                                     [meta["n_train"] for *_, meta in updates])
-        next_global = self.server_optimizer.step(site.global_tensors, averaged, site.parameter_names())
-        return site.global_message(next_global)
-
-    @property
-    def server_optimizer(self):
-        """The coordinator's ServerOptimizer; its momentum / moments live across rounds."""
-        if self.load("server_optimizer") is None:
-            self.store("server_optimizer", ServerOptimizer.from_config(self.site.config))
-        return self.load("server_optimizer")
-
-    def record_federation_round(self, round_number):
-        tests = [meta for *_, meta in self.gather(f"test_{round_number}", "test")]
-        row = federation_round(round_number, self.load("updates_meta"), tests)
-        self.site.federation_rounds.append(row)
-        self.log(f"federation round {round_number}: train loss {row['train_loss']:.4f} "
-                 f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} "
-                 f"acc {row['test_accuracy']:.4f}")
-        live_status.update(federation_accuracy=row["test_accuracy"])
+            row = self.aggregator.record_round(round_number, self.gather(f"test_{round_number}"))
+            self.log(f"federation round {round_number}: train loss {row['train_loss']:.4f} "
+                     f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} "
+                     f"acc {row['test_accuracy']:.4f}")
+            live_status.update(federation_accuracy=row["test_accuracy"])
+        return "local_train" if round_number < self.site.config.max_iter else "quantize"
 
 
 @app_state("quantize", Role.BOTH)
@@ -168,19 +125,13 @@ class Quantize(FederatedState):
         self.register_transition("write_results", Role.BOTH, label="int8 model ready")
 
     def run(self):
-        site = self.site
         self.show("calibrating observers", 0.86)
-        own_stats = site.calibration_stats()
-        self.send_to_coordinator("calibration", own_stats)
+        self.send_to_coordinator("calibration", self.site.calibration_message())
         if self.is_coordinator:
-            reports = self.gather("calibration")
-            for sender, stats, _ in reports:
-                check_update(own_stats, stats, sender, allow_infinite=True)
-            self.broadcast("qparams", site.merge_calibration([stats for _, stats, _ in reports]))
-        merged_stats, _ = self.await_broadcast("qparams")
-        check_update(own_stats, merged_stats, self.coordintor_id, allow_infinite=True)
+            self.broadcast("qparams", self.aggregator.merge_calibration(self.gather("calibration"),
+                                                                          self.site.own_stats))
         self.show("converting to int8", 0.9)
-        site.convert(merged_stats)
+        self.site.convert(*self.await_broadcast("qparams"))
         return "write_results"
 
 
@@ -190,17 +141,14 @@ class WriteResults(FederatedState):
         self.register_transition("terminal", Role.BOTH, label="outputs written")
 
     def run(self):
-        site = self.site
         self.show("measuring fp32 vs int8", 0.93)
-        results = site.final_results()
-        self.send_to_coordinator("results", **results)
+        self.send_to_coordinator("results", self.site.results_message())
         if self.is_coordinator:
-            reports = [meta for *_, meta in self.gather("results", "results")]
-            self.broadcast("final", rounds=site.federation_rounds,
-                           figures=federation_results(reports))
-        _, federation = self.await_broadcast("final")
-        metrics = write_results(OUTPUT_DIR, site, results, federation,
-                                site_info={"id": self.id, "coordinator": self.is_coordinator})
+            self.broadcast("final", self.aggregator.final(self.gather("results")))
+        site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"))
+        metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
+                                site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation)
+        write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},
             "federation": metrics["federation"]})

@@ -1,11 +1,10 @@
-"""Run a federation in one process, with the app's own Site, averaging and message code.
+"""Run a federation in one process, through exactly the production path minus transport.
 
 The testbed runs the real thing (processes, HTTP, the engine) and takes about a minute; the
-benchmarks need dozens of runs, so they drive the same local work in the order the states do
-(`Site`, `federated_average`, `ServerOptimizer`, messages through `federation.payload`, int8
-deltas when configured), without transport. Also: the bundled sample, pooled, for re-splitting.
+benchmarks need dozens of runs, so they call what the states call, in the states' order: each
+`Site` makes and reads its messages as bytes, the `Coordinator` decodes, checks, averages and
+steps. Only the controller's relaying is left out. Also: the bundled sample, pooled.
 """
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -13,11 +12,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from federation import payload
-from federation.aggregate import federated_average
-from federation.server_optimizer import ServerOptimizer
+from federation.coordinator import Coordinator
 from federation.site import Site
-from federation.summary import federation_results, federation_round
+from inputs.config import APP_KEY, CONFIG_FILE, read_app_section
+from testbed.site import merge_input_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
@@ -27,8 +25,7 @@ SAMPLE_CLIENTS = sorted(SAMPLE.glob("client_*"))
 
 def sample_config():
     """The bundled sample's settings (the `fc_quantization` section of its config.yml)."""
-    document = yaml.safe_load((SAMPLE_GENERIC / "config.yml").read_text())
-    return dict(document.get("fc_quantization", document))
+    return read_app_section(SAMPLE_GENERIC / CONFIG_FILE)
 
 
 def pooled_sample():
@@ -39,15 +36,12 @@ def pooled_sample():
 
 def site_dirs(client_dirs, generic_dir, overrides, work_dir):
     """Merge each client dir with the generic dir (as the testbed does) and apply `overrides`."""
-    config = yaml.safe_load((Path(generic_dir) / "config.yml").read_text())
-    section = config.get("fc_quantization", config)
-    section.update(overrides)
+    section = {**read_app_section(Path(generic_dir) / CONFIG_FILE), **overrides}
     merged = []
     for index, client_dir in enumerate(client_dirs, start=1):
         target = Path(work_dir) / f"client_{index}"
-        shutil.copytree(generic_dir, target)
-        shutil.copytree(client_dir, target, dirs_exist_ok=True)
-        (target / "config.yml").write_text(yaml.safe_dump({"fc_quantization": section}))
+        merge_input_dir(client_dir, generic_dir, target)
+        (target / CONFIG_FILE).write_text(yaml.safe_dump({APP_KEY: section}))
         merged.append(target)
     return merged
 
@@ -58,32 +52,31 @@ def load_sites(client_dirs, generic_dir, overrides=None):
         return [Site.load(d) for d in site_dirs(client_dirs, generic_dir, overrides or {}, work_dir)]
 
 
+def _pieces(messages):
+    """What the coordinator's gather returns: (sender, bytes) in client order."""
+    return list(enumerate(messages))
+
+
 def run_rounds(sites):
     """The federated rounds as the states run them: federation rows and bytes per round."""
-    coordinator = sites[0]
-    server = ServerOptimizer.from_config(coordinator.config)
-    start = payload.encode(coordinator.update_tensors(), {})
+    coordinator = Coordinator(sites[0])
+    coordinator.check_summaries(_pieces(site.summary_message() for site in sites))
+    start = coordinator.first_global()
     for site in sites:
-        site.load_global(payload.decode(start, "coordinator")[0])
-    rows, uplink, downlink = [], [], []
-    for round_number in range(1, coordinator.config.max_iter + 1):
-        updates, metas = [], []
-        for index, site in enumerate(sites):
-            site.start_round()
-            meta = {**site.train_round(), "n_train": site.n_train}
-            data = payload.encode(site.update_message(), meta)
-            uplink.append(len(data))
-            updates.append(coordinator.read_message(payload.decode(data, index)[0], index))
-            metas.append(meta)
-        averaged = federated_average(updates, [meta["n_train"] for meta in metas])
-        next_global = server.step(coordinator.global_tensors, averaged, coordinator.parameter_names())
-        data = payload.encode(coordinator.global_message(next_global), {})
-        downlink.append(len(data))
-        tests = []
+        site.receive_global("coordinator", start)
+    uplink, downlink = [], []
+    for round_number in range(1, sites[0].config.max_iter + 1):
+        updates = []
         for site in sites:
-            site.load_global(site.read_message(payload.decode(data, "coordinator")[0], "coordinator"))
-            tests.append(site.evaluate_global())
-        rows.append(federation_round(round_number, metas, tests))
+            site.start_round()
+            updates.append(site.train_round())
+        next_global = coordinator.aggregate(_pieces(updates))
+        uplink += map(len, updates)
+        downlink.append(len(next_global))
+        for site in sites:
+            site.receive_global("coordinator", next_global)
+        coordinator.record_round(round_number, _pieces(site.evaluate_global() for site in sites))
+    rows = coordinator.rounds
     return {"rounds": rows, "accuracy": rows[-1]["test_accuracy"],
             "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
             # What crosses the network per round: every site's update + the broadcast to each.
@@ -93,10 +86,13 @@ def run_rounds(sites):
 def quantize_sites(sites):
     """Federated calibration (post_static) or the QAT model, converted at every site; the
     federation-wide fp32 and int8 figures."""
-    merged = Site.merge_calibration([site.calibration_stats() for site in sites])
+    coordinator = Coordinator(sites[0])
+    calibration = _pieces(site.calibration_message() for site in sites)
+    qparams = coordinator.merge_calibration(calibration, sites[0].own_stats)
     for site in sites:
-        site.convert(merged)
-    return federation_results([site.final_results() for site in sites])
+        site.convert("coordinator", qparams)
+    final = coordinator.final(_pieces(site.results_message() for site in sites))
+    return sites[0].codec.decode_report("coordinator", final)["figures"]
 
 
 def simulate(client_dirs, generic_dir, overrides=None, quantize=False):

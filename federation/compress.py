@@ -13,7 +13,7 @@ and tensors the previous global lacks or has in another shape (the first QAT rou
 """
 import torch
 
-from federation.aggregate import UpdateError
+from federation.checks import UpdateError
 
 INT8 = "int8/"    # name prefix of a quantized delta
 SCALE = "scale/"  # name prefix of its per-channel scales

@@ -1,36 +1,5 @@
 """Federation-wide figures the coordinator computes from what the sites report (plain data)."""
-
-
-class SiteMismatchError(ValueError):
-    """The sites' data do not fit together, or a site sent malformed figures; names the site."""
-
-
-_NUMBER = (int, float)
-# What each report must hold: key -> accepted types (bool is excluded from numbers below).
-REPORT_FIELDS = {
-    "summary": {"n_train": int, "n_test": int, "input_shape": list, "n_classes": int},
-    "update": {"n_train": int, "train_loss": _NUMBER, "train_accuracy": _NUMBER},
-    "test": {"n_test": int, "test_loss": _NUMBER, "test_accuracy": _NUMBER},
-    "results": {"n_train": int, "n_test": int, "fp32": dict, "int8": dict},
-    "figures": {"accuracy": _NUMBER, "loss": _NUMBER},
-}
-
-
-def check_report(kind, meta, sender):
-    """Raise SiteMismatchError unless `meta` has the fields a `kind` report needs, sensibly typed.
-
-    Figures from other sites feed the weighted means; a count that is not a positive integer or
-    a figure that is not a number would silently skew them.
-    """
-    for key, types in REPORT_FIELDS[kind].items():
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise SiteMismatchError(f"site {sender} sent a {kind} report whose '{key}' is {value!r}")
-        if key.startswith("n_") and value < 1:
-            raise SiteMismatchError(f"site {sender} sent a {kind} report whose '{key}' is {value!r}")
-    if kind == "results":
-        for precision in ("fp32", "int8"):
-            check_report("figures", meta[precision], sender)
+from federation.checks import SiteMismatchError
 
 
 def check_sites_fit(summaries):

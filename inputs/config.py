@@ -9,16 +9,15 @@ from pathlib import Path
 
 import yaml
 
+from federation.rules import AGGREGATIONS
 from inputs.errors import InputError
+from quant import BACKENDS, QUANT_TYPES
 
 CONFIG_FILE = "config.yml"
 APP_KEY = "fc_quantization"
 
-BACKENDS = ("fbgemm", "qnnpack", "x86")
-AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "scaffold")
 DEVICES = ("auto", "cpu", "cuda")
 COMMUNICATIONS = ("float32", "int8")
-QUANT_TYPES = ("post_static", "qat")
 
 
 @dataclass(frozen=True)
@@ -122,6 +121,12 @@ assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule
 def load_config(input_dir):
     """Read `<input_dir>/config.yml` and return a validated AppConfig (InputError otherwise)."""
     path = Path(input_dir) / CONFIG_FILE
+    return parse_config(read_app_section(path), path)
+
+
+def read_app_section(path):
+    """The app's keys in a config.yml (flat or under `fc_quantization:`), not yet validated."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(path, "config file not found (every site needs config.yml in its input dir)")
     try:
@@ -130,7 +135,7 @@ def load_config(input_dir):
         raise InputError(path, f"not valid YAML: {error}") from None
     except UnicodeDecodeError:
         raise InputError(path, "not a text file") from None
-    return parse_config(document, path)
+    return _app_section(document, path)
 
 
 def parse_config(document, path=CONFIG_FILE):

@@ -17,13 +17,32 @@ def load_train_function(path, key="train_function"):
     function = module.train
     if not callable(function):
         raise InputError(path, f"'train' is a {type(function).__name__}, not a function", key=key)
-    try:
-        inspect.signature(function).bind(*REQUIRED_ARGUMENTS)
-    except TypeError as error:
-        raise InputError(path, f"train must accept ({', '.join(REQUIRED_ARGUMENTS)}): {error}", key=key) from None
-    except ValueError:
-        pass  # no readable signature (a builtin): trust it
+    problem = _binding_problem(function, REQUIRED_ARGUMENTS, {})
+    if problem:
+        raise InputError(path, f"train must accept ({', '.join(REQUIRED_ARGUMENTS)}): {problem}", key=key)
     return function
+
+
+def check_train_function_supports(function, keywords, path, key="train_function"):
+    """`keywords`: name -> why the config needs it. A train function that cannot take one of
+    them would silently train without what the federation believes it applies."""
+    for name, reason in keywords.items():
+        if _binding_problem(function, (), {name: None}, partial=True):
+            raise InputError(path, f"{reason}, but train() accepts no {name}= keyword "
+                             "(see training/loop.py)", key=key)
+
+
+def _binding_problem(function, arguments, keywords, partial=False):
+    """Why `function` cannot be called with these arguments, or None."""
+    try:
+        signature = inspect.signature(function)
+    except ValueError:
+        return None  # no readable signature (a builtin): trust it
+    try:
+        (signature.bind_partial if partial else signature.bind)(*arguments, **keywords)
+    except TypeError as error:
+        return str(error)
+    return None
 
 
 def call_train_function(fn, model, train_loader, epochs, learning_rate, **extras):

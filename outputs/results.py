@@ -14,40 +14,38 @@ from outputs.report import write_report
 FIGURES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
-def write_results(output_dir, site, results, federation, site_info):
-    """Write everything and return the metrics dict that metrics.json holds."""
+def write_results(output_dir, config_file, models, metrics, predictions):
+    """Write everything; `models`: the final float and int8 models (a quant.Int8Recipe),
+    `metrics`: build_metrics' dict, `predictions`: "true", "fp32", "int8" label tensors."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = site.input_dir / CONFIG_FILE
     # A copy of the config, so the next app of a FeatureCloud workflow finds it.
-    shutil.copyfile(config_path, output_dir / CONFIG_FILE)
-    torch.save(site.float_model.state_dict(), output_dir / "model_fp32.pt")
-    quant.save_torchscript(site.int8_model, site.example_inputs, output_dir / "model_int8.pt",
-                           site.config.backend)
-    metrics = build_metrics(site, results, federation, site_info)
+    shutil.copyfile(config_file, output_dir / CONFIG_FILE)
+    torch.save(models.float_model.state_dict(), output_dir / "model_fp32.pt")
+    quant.save_torchscript(models.int8_model, models.example_inputs, output_dir / "model_int8.pt",
+                           models.backend)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_rounds_csv(output_dir / "metrics.csv", metrics["rounds"], metrics["federation"]["rounds"])
-    predictions = site.predictions
     write_predictions(output_dir, predictions["true"], predictions["int8"], predictions["fp32"])
-    write_report(output_dir, metrics, predictions["true"], predictions["int8"], config_path.read_text())
-    return metrics
+    write_report(output_dir, metrics, predictions["true"], predictions["int8"], Path(config_file).read_text())
 
 
-def build_metrics(site, results, federation, site_info):
+def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation):
+    """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config."""
     return {
         "site": site_info,
-        "backend": site.config.backend,
-        "quant_type": site.config.quant_type,
-        "quantization_mode": quant.mode_of(site.prepared),
+        "backend": config.backend,
+        "quant_type": config.quant_type,
+        "quantization_mode": quantization_mode,
         "n_train": results["n_train"],
         "n_test": results["n_test"],
-        "rounds": [{**row, "bytes_sent": _round_bytes(site.bytes_sent, row["round"])} for row in site.rounds],
+        "rounds": [{**row, "bytes_sent": _round_bytes(bytes_sent, row["round"])} for row in rounds],
         "fp32": results["fp32"],
         "int8": results["int8"],
         "seconds": results["seconds"],
-        "bytes_sent": {"total": sum(site.bytes_sent.values()), "by_memo": site.bytes_sent},
+        "bytes_sent": {"total": sum(bytes_sent.values()), "by_memo": bytes_sent},
         "federation": {**federation["figures"], "rounds": federation["rounds"]},
-        "config": site.config.to_dict(),
+        "config": config.to_dict(),
     }
 
 

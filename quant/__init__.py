@@ -5,6 +5,7 @@ Quantization-aware training:       prepare_qat -> train (forward_quant) -> freez
                                    to_float_model gives the trained float weights in the user's class.
 Across sites: observer_stats -> merge_observer_stats -> load_observer_stats before convert;
 float_state / load_float_state carry what federated averaging averages.
+Int8Recipe: these steps for one model across a federated run (post_static or qat).
 """
 
 from .convert import convert
@@ -12,12 +13,14 @@ from .engine import BACKENDS, QUANT_TYPES, mode_of, set_engine
 from .errors import QuantizationError
 from .float_model import to_float_model
 from .prepare import prepare_ptq, prepare_qat
+from .recipe import Int8Recipe, merge_calibration
 from .results import latency_ms, save_torchscript, state_dict_size_bytes
 from .run import calibrate, forward_quant, freeze_qat
 from .stats import float_state, load_float_state, load_observer_stats, merge_observer_stats, observer_stats
 
 __all__ = [
     "BACKENDS",
+    "Int8Recipe",
     "QUANT_TYPES",
     "QuantizationError",
     "calibrate",
@@ -28,6 +31,7 @@ __all__ = [
     "latency_ms",
     "load_float_state",
     "load_observer_stats",
+    "merge_calibration",
     "merge_observer_stats",
     "mode_of",
     "observer_stats",

@@ -30,7 +30,8 @@ import yaml
 from torch.utils.data import DataLoader
 
 from data.make_sample import save_deterministic, split_evenly
-from inputs.config import APP_KEY, CONFIG_FILE, parse_config
+from inputs.config import APP_KEY, CONFIG_FILE, parse_config, read_app_section
+from inputs.errors import InputError
 from inputs.datasets import load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +50,7 @@ MIN_SITE_SAMPLES = 10
 DIRICHLET_ATTEMPTS = 1000
 # The bundled sample's settings (one source: its config.yml); write_client_dirs fills in the file keys.
 SAMPLE_CONFIG = REPO_ROOT / "data" / "sample" / "generic" / "config.yml"
-DEFAULT_CONFIG = {key: value for key, value in
-                  yaml.safe_load(SAMPLE_CONFIG.read_text())["fc_quantization"].items()
+DEFAULT_CONFIG = {key: value for key, value in read_app_section(SAMPLE_CONFIG).items()
                   if key not in ("model", "train_dataset", "test_dataset")}
 LOAD_BATCH = 1024
 
@@ -219,16 +219,12 @@ def bundled_model_for(input_shape):
 
 def read_config(path):
     """The app's keys from a config.yml (flat or under `fc_quantization:`), validated."""
-    path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ValueError(f"--config-from {path}: cannot read it as YAML: {error}") from None
-    section = document.get(APP_KEY, document) if isinstance(document, dict) else document
-    if not isinstance(section, dict):
-        raise ValueError(f"--config-from {path}: expected a mapping of the app's keys")
-    parse_config({APP_KEY: {**_file_keys("model.py"), **section}}, path)
-    return dict(section)
+        section = read_app_section(path)
+        parse_config({APP_KEY: {**_file_keys("model.py"), **section}}, path)
+    except InputError as error:
+        raise ValueError(f"--config-from {error}") from None
+    return section
 
 
 def _file_keys(model_name):

@@ -48,7 +48,7 @@ def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cp
     model.train()  # dropout and batch-norm in training behaviour
     if optimizer is None:
         # A fresh optimizer per call. The app passes its own to keep Adam's state across rounds.
-        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        optimizer = make_optimizer(model, learning_rate)
     loss_function = nn.CrossEntropyLoss()
 
     for _ in range(epochs):
@@ -72,6 +72,12 @@ def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cp
     if seen == 0:
         raise ValueError("train: the train loader yielded no samples")
     return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+def make_optimizer(model, learning_rate):
+    """The default train loop's optimizer (the app builds the one it keeps across rounds here
+    too, so `learning_rate` reaches Adam in one place)."""
+    return torch.optim.Adam(model.parameters(), lr=learning_rate)
 
 
 def proximal_term(model, global_weights, mu):

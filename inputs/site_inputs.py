@@ -1,0 +1,93 @@
+"""Everything one site was given, read and checked once: config, datasets, model, train function.
+
+`load_site_inputs` is what the `initial` state runs; every problem is an InputError naming
+the file and key, raised at the site that has it.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inputs.config import CONFIG_FILE, load_config
+from inputs.datasets import describe_dataset, load_dataset
+from inputs.errors import InputError
+from inputs.model_file import check_model_on_data, load_model
+from inputs.train_function import check_train_function_supports, load_train_function
+from training import make_loader, seed_everything, train
+
+
+@dataclass(frozen=True)
+class SiteInputs:
+    input_dir: Path
+    config: object          # inputs.config.AppConfig
+    model: nn.Module        # the user's model, freshly built (seeded)
+    train_loader: object
+    test_loader: object
+    train_info: object      # inputs.datasets.DatasetInfo
+    test_info: object
+    train_function: object  # the user's train(), or training.train
+    device: str             # where training and float evaluation run
+
+    @property
+    def config_file(self):
+        return self.input_dir / CONFIG_FILE
+
+    @property
+    def example_inputs(self):
+        """One test sample, as quantization's example input."""
+        return (next(iter(self.test_loader))[0][:1],)
+
+    def summary(self):
+        """What the coordinator needs to check that the sites fit together."""
+        return {"n_train": self.train_info.n, "n_test": self.test_info.n,
+                "input_shape": list(self.train_info.input_shape),
+                "n_classes": max(self.train_info.n_classes, self.test_info.n_classes)}
+
+
+def load_site_inputs(input_dir) -> SiteInputs:
+    """Read and check everything in `input_dir`; InputError names what is wrong."""
+    input_dir = Path(input_dir)
+    config = load_config(input_dir)
+    seed_everything(config.seed)
+    train_path, test_path = input_dir / config.train_dataset, input_dir / config.test_dataset
+    train_set = load_dataset(train_path, "train_dataset")
+    test_set = load_dataset(test_path, "test_dataset")
+    train_info = describe_dataset(train_set, train_path, "train_dataset")
+    test_info = describe_dataset(test_set, test_path, "test_dataset")
+    if train_info.input_shape != test_info.input_shape:
+        raise InputError(test_path, f"inputs have shape {test_info.input_shape}, the train "
+                         f"set's have {train_info.input_shape}", key="test_dataset")
+    model = load_model(input_dir / config.model, config.model_class, config.model_kwargs)
+    train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+    test_loader = make_loader(test_set, config.batch_size, shuffle=False)
+    n_classes = max(train_info.n_classes, test_info.n_classes)
+    check_model_on_data(model, next(iter(train_loader))[0], n_classes, input_dir / config.model)
+    train_function = train
+    if config.train_function:
+        path = input_dir / config.train_function
+        train_function = load_train_function(path)
+        check_train_function_supports(train_function, _keywords_needed(config), path)
+    return SiteInputs(input_dir, config, model, train_loader, test_loader, train_info, test_info,
+                      train_function, resolve_device(config.device, input_dir / CONFIG_FILE))
+
+
+def _keywords_needed(config):
+    """The keywords a custom train function must accept for this config (name -> why): without
+    them it would silently train without what the federation believes it applies."""
+    needed = {}
+    if config.mu != 0:
+        needed["mu"] = needed["global_weights"] = f"config sets mu: {config.mu} (FedProx)"
+    if config.aggregation == "scaffold":
+        needed["control"] = "config sets aggregation: scaffold"
+    return needed
+
+
+def resolve_device(device, config_path):
+    """"auto": the GPU when PyTorch sees one, else the CPU; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(config_path, "is cuda, but PyTorch sees no GPU on this machine "
+                         "(use auto or cpu)", key="device")
+    return device

@@ -1,0 +1,85 @@
+"""One site's local training across rounds: the model it trains, its optimizer, FedProx and
+SCAFFOLD's correction. Plain PyTorch: the federation hands it weights and control variates."""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from inputs.train_function import call_train_function
+from training.loop import evaluate, make_optimizer
+from training.scaffold import ControlVariates
+
+
+@dataclass
+class LocalTraining:
+    model: torch.nn.Module       # what the rounds train: the float model, or its QAT version
+    train_loader: object
+    train_function: object       # the user's train() or training.train
+    epochs: int
+    learning_rate: float
+    device: str = "cpu"          # where training and float evaluation run
+    keep_optimizer_state: bool = True
+    mu: float = 0.0              # FedProx's proximal weight (0: off)
+    scaffold: bool = False       # SCAFFOLD's gradient correction
+    optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
+    control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
+
+    def replace_model(self, model):
+        """Train `model` from now on (QAT starts): it has new parameter objects, so a kept
+        optimizer would update the old ones."""
+        self.model, self.optimizer = model, None
+
+    def parameter_names(self):
+        return [name for name, _ in self.model.named_parameters()]
+
+    def local_control(self):
+        """SCAFFOLD's c_i by parameter name: zeros until the first round has trained."""
+        if self.control is None:
+            return {name: torch.zeros(parameter.shape) for name, parameter in self.model.named_parameters()}
+        return self.control
+
+    def train_round(self, server_control=None):
+        """Train the model in place for `epochs`; `server_control`: SCAFFOLD's c (by name)."""
+        # SCAFFOLD: the correction c - c_i; it records the round's gradients, whose mean is
+        # this site's next c_i.
+        control = ControlVariates(server_control or {}, self.local_control()) if self.scaffold else None
+        with self.on_device() as device:
+            call_train_function(self.train_function, self.model, self.train_loader, self.epochs,
+                                self.learning_rate, optimizer=self._round_optimizer(), device=device,
+                                **self._fedprox_arguments(), **({"control": control} if control else {}))
+        if control is not None:
+            self.control = control.updated_local(
+                {name: parameter.shape for name, parameter in self.model.named_parameters()})
+
+    def evaluate(self, loader):
+        """Loss and accuracy of the current model on `loader` (training.Evaluation)."""
+        with self.on_device() as device:
+            return evaluate(self.model, loader, device=device)
+
+    @contextmanager
+    def on_device(self):
+        """Training and float evaluation run on `device`; in between the model stays on the
+        CPU, where payloads, averaging and quantization work. (Moving keeps the parameter
+        objects, so the kept optimizer's references stay valid.)"""
+        self.model.to(self.device)
+        try:
+            yield self.device
+        finally:
+            self.model.to("cpu")
+
+    def _round_optimizer(self):
+        """The site's kept optimizer (global weights are loaded in place, so its references
+        stay valid), or None: the train function then builds a fresh one for the round."""
+        if not self.keep_optimizer_state:
+            return None
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.model, self.learning_rate)
+        return self.optimizer
+
+    def _fedprox_arguments(self):
+        """FedProx's keywords: the round's global parameters (loaded just before training)."""
+        if self.mu == 0:
+            return {}
+        return {"mu": self.mu,
+                "global_weights": {name: parameter.detach().clone()
+                                   for name, parameter in self.model.named_parameters()}}
