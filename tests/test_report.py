@@ -192,13 +192,11 @@ def test_report_survives_missing_figures(tmp_path, metrics):
 
 @pytest.fixture(scope="session")
 def chromium():
-    if shutil.which("chromium") is None:
-        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                       "apt-get install -y -qq chromium", shell=True, check=True, timeout=900)
-    return shutil.which("chromium")
+    path = shutil.which("chromium")
+    assert path, "chromium is needed to render the report: run tools/setup_system.sh (make test does)"
+    return path
 
 
-@pytest.mark.timeout(960)
 def test_headless_chromium_renders_the_report(chromium, report, tmp_path):
     screenshot = tmp_path / "screenshot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
