@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv system bench clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) -m testbed --out results/demo
 
-test: $(STAMP)
+# graphviz, nginx, supervisor, chromium: installed only when missing (tools/setup_system.sh)
+system:
+	bash tools/setup_system.sh
+
+test: $(STAMP) system
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """The thin wrapper over FeatureCloud's engine (FeatureCloud.app.engine.app).
 
 We use the engine as it is (states, transitions, the controller API, send/broadcast with
-memos) and change it in three places only, each because it falls short:
+memos) and change it in four places only, each because it falls short:
 
 1. Serialization. The engine pickles what it sends and calls `pickle.loads` on every payload
    that arrives: a malicious peer or relay could run code on this site. We replace its two

@@ -49,9 +49,3 @@ def _header(data):
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header
-
-
-def size_of(tensors):
-    """Bytes the tensors take on the wire (for the communication figures)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-

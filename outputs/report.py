@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from outputs import compare
 from outputs.plots import plot_confusion_matrix, plot_fp32_vs_int8, plot_rounds
 
 REPORT_FILE = "report.html"
@@ -125,12 +126,12 @@ def _comparison_table(table_id, fp32, int8):
     head = ("<tr><th class='row-label'>Metric</th><th>fp32</th><th>int8</th>"
             "<th>int8 vs fp32</th></tr>")
     rows = []
-    for key, label, show, compare in _COMPARED_METRICS:
+    for key, label, show, versus in _COMPARED_METRICS:
         if fp32.get(key) is None and int8.get(key) is None:
             continue  # e.g. the federation reports no size or latency
         rows.append(f"<tr><td class='row-label'>{label}</td><td>{show(fp32.get(key))}</td>"
                     f"<td>{show(int8.get(key))}</td>"
-                    f"<td>{compare(fp32.get(key), int8.get(key))}</td></tr>")
+                    f"<td>{versus(fp32.get(key), int8.get(key)) or MISSING}</td></tr>")
     return f"<table id='{table_id}'>{head}{''.join(rows)}</table>"
 
 
@@ -239,29 +240,10 @@ def _milliseconds(value):
     return MISSING if value is None else f"{value:.2f} ms"
 
 
-def _point_change(fp32, int8):
-    return MISSING if None in (fp32, int8) else f"{100 * (int8 - fp32):+.2f} pp"
-
-
-def _difference(fp32, int8):
-    return MISSING if None in (fp32, int8) else f"{int8 - fp32:+.4f}"
-
-
-def _times(smaller_word, larger_word):
-    """A comparison saying how many times smaller (or larger) int8 is than fp32."""
-    def compare(fp32, int8):
-        if None in (fp32, int8) or fp32 <= 0 or int8 <= 0:
-            return MISSING
-        if fp32 >= int8:
-            return f"{fp32 / int8:.2f}× {smaller_word}"
-        return f"{int8 / fp32:.2f}× {larger_word}"
-    return compare
-
-
-# (metrics key, row label, how to show one value, how to compare fp32 with int8)
+# (metrics key, row label, how to show one value, how to compare fp32 with int8: outputs.compare)
 _COMPARED_METRICS = (
-    ("accuracy", "Accuracy", _percent, _point_change),
-    ("loss", "Loss", _loss, _difference),
-    ("size_bytes", "Size", _kilobytes, _times("smaller", "larger")),
-    ("latency_ms", "Latency", _milliseconds, _times("faster", "slower")),
+    ("accuracy", "Accuracy", _percent, compare.point_change),
+    ("loss", "Loss", _loss, compare.difference),
+    ("size_bytes", "Size", _kilobytes, compare.size),
+    ("latency_ms", "Latency", _milliseconds, compare.latency),
 )

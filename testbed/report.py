@@ -1,6 +1,8 @@
 """What the testbed prints: progress lines, the failure report, the fp32-vs-int8 tables."""
 import json
 
+from outputs import compare
+
 
 def progress_key(status):
     return (status.get("state"), status.get("message"), status.get("progress"),
@@ -33,12 +35,6 @@ def _number(value, fmt):
     return format(value, fmt) if isinstance(value, (int, float)) else "?"
 
 
-def _ratio(numerator, denominator):
-    if isinstance(numerator, (int, float)) and isinstance(denominator, (int, float)) and denominator:
-        return numerator / denominator
-    return None
-
-
 def metrics_table(site_name, metrics):
     """The fp32 vs int8 table of one site's metrics.json."""
     fp32, int8 = metrics.get("fp32", {}), metrics.get("int8", {})
@@ -48,14 +44,14 @@ def metrics_table(site_name, metrics):
         cells = [_number(v / scale if isinstance(v, (int, float)) else v, fmt) for v in values]
         return f"  {label:<13}{cells[0]:>11}{cells[1]:>11}"
 
-    size_ratio = _ratio(int8.get("size_bytes"), fp32.get("size_bytes"))
-    speedup = _ratio(fp32.get("latency_ms"), int8.get("latency_ms"))
+    def versus(key, how):
+        text = how(fp32.get(key), int8.get(key))
+        return f"   {text}" if text else ""
+
     lines = [f"{site_name:<15}{'fp32':>11}{'int8':>11}",
-             row("accuracy", "accuracy", ".4f"),
-             row("size (KB)", "size_bytes", ".1f", scale=1024.0)
-             + (f"   int8/fp32 size {size_ratio:.2f}" if size_ratio is not None else ""),
-             row("latency (ms)", "latency_ms", ".2f")
-             + (f"   fp32/int8 speed {speedup:.2f}x" if speedup is not None else "")]
+             row("accuracy", "accuracy", ".4f") + versus("accuracy", compare.point_change),
+             row("size (KB)", "size_bytes", ".1f", scale=1024.0) + versus("size_bytes", compare.size),
+             row("latency (ms)", "latency_ms", ".2f") + versus("latency_ms", compare.latency)]
     return "\n".join(lines)
 
 

@@ -1,6 +1,9 @@
-"""config.yml validation: defaults, both layouts, and an error naming file and key for each mistake."""
+"""config.yml validation: defaults, both layouts, the federation keys (aggregation, server
+optimizer, mu, device, communication), and an error naming file and key for each mistake."""
 import pytest
+import torch
 
+from federation.site import resolve_device
 from inputs.config import AppConfig, InputError, load_config, parse_config
 
 BASE = {"model": "mnist_model.py", "train_dataset": "train.pth", "test_dataset": "test.pth"}
@@ -70,3 +73,53 @@ def test_qat_schedule_follows_recipe():
     config = parse_config({**BASE, "quant_type": "qat", "max_iter": 5, "qat_warmup_rounds": 2,
                            "qat_freeze_observers_round": 4})
     assert config.qat_schedule()[0] == 3 and config.qat_schedule()[2] == 4
+
+
+# ---- federation keys: aggregation, server optimizer, mu, device, communication --------------
+
+def test_federation_keys_default_to_plain_fedavg_in_float32():
+    config = parse_config(dict(BASE))
+    assert (config.aggregation, config.mu, config.communication, config.device) == \
+        ("fedavg", 0.0, "float32", "auto")
+    assert config.server_learning_rate is None
+    assert config.server_betas == (0.9, 0.99)
+
+
+def test_valid_federation_values_are_taken():
+    config = parse_config({**BASE, "aggregation": "fedadam", "server_learning_rate": 0.02,
+                           "server_momentum": 0.5, "server_betas": [0.8, 0.95], "server_epsilon": 1e-4,
+                           "mu": 0.01, "device": "cpu", "communication": "int8"})
+    assert (config.aggregation, config.server_learning_rate, config.server_momentum) == ("fedadam", 0.02, 0.5)
+    assert (config.server_epsilon, config.mu, config.device) == (1e-4, 0.01, "cpu")
+    assert config.server_betas == (0.8, 0.95)
+    assert config.to_dict()["communication"] == "int8"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("aggregation", "fedyogi"), ("aggregation", None),
+    ("server_learning_rate", 0), ("server_learning_rate", -1.0), ("server_learning_rate", True),
+    ("server_momentum", 1.0), ("server_momentum", -0.1),
+    ("server_betas", [0.9]), ("server_betas", [0.9, 1.0]), ("server_betas", "0.9, 0.99"),
+    ("server_betas", [True, 0.9]),
+    ("server_epsilon", 0), ("mu", -0.01), ("mu", "0.1"),
+    ("device", "gpu"), ("device", "cuda:0"), ("communication", "int4"), ("communication", "float16"),
+])
+def test_bad_federation_values_name_the_key(key, value):
+    with pytest.raises(InputError) as error:
+        parse_config({**BASE, key: value}, "in/config.yml")
+    assert error.value.key == key
+    assert "in/config.yml" in str(error.value) and f"'{key}'" in str(error.value)
+
+
+def test_device_cuda_without_a_gpu_is_an_input_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="device.*no GPU"):
+        resolve_device("cuda", "config.yml")
+    assert resolve_device("auto", "config.yml") == "cpu"
+    assert resolve_device("cpu", "config.yml") == "cpu"
+
+
+def test_device_auto_takes_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", "config.yml") == "cuda"
+    assert resolve_device("cpu", "config.yml") == "cpu"

@@ -131,9 +131,8 @@ def test_comparison_tables_show_the_metrics_with_their_ratios(report):
     site = rows_by_label(tables["site-fp32-int8"])
     assert site["Accuracy"] == ["95.50 %", "95.20 %", "-0.30 pp"]
     assert site["Loss"] == ["0.1500", "0.1600", "+0.0100"]
-    assert site["Size"] == [f"{181000 / 1024:.1f} KB", f"{52000 / 1024:.1f} KB",
-                            f"{181000 / 52000:.2f}× smaller"]
-    assert site["Latency"] == ["3.10 ms", "1.20 ms", f"{3.1 / 1.2:.2f}× faster"]
+    assert site["Size"] == [f"{181000 / 1024:.1f} KB", f"{52000 / 1024:.1f} KB", "3.5x smaller"]
+    assert site["Latency"] == ["3.10 ms", "1.20 ms", "2.6x faster"]
     federation = rows_by_label(tables["federation-fp32-int8"])
     # the federation reports no size or latency: those rows are left out, not shown empty
     assert federation == {"Accuracy": ["95.30 %", "95.10 %", "-0.20 pp"],
@@ -192,13 +191,11 @@ def test_report_survives_missing_figures(tmp_path, metrics):
 
 @pytest.fixture(scope="session")
 def chromium():
-    if shutil.which("chromium") is None:
-        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                       "apt-get install -y -qq chromium", shell=True, check=True, timeout=900)
-    return shutil.which("chromium")
+    path = shutil.which("chromium")
+    assert path, "chromium is needed to render the report: run tools/setup_system.sh (make test does)"
+    return path
 
 
-@pytest.mark.timeout(960)
 def test_headless_chromium_renders_the_report(chromium, report, tmp_path):
     screenshot = tmp_path / "screenshot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",

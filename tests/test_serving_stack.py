@@ -26,14 +26,9 @@ STOP_SECONDS = 15
 
 @pytest.fixture(scope="session")
 def serving_tools():
-    """nginx and supervisord as the image has them: Debian's packages, installed when missing."""
-    if not (shutil.which("nginx") and shutil.which("supervisord")):
-        apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=apt_env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx", "supervisor"],
-                       check=True, env=apt_env)
+    """nginx and supervisord as the image has them: Debian's packages (tools/setup_system.sh)."""
     missing = [tool for tool in ("nginx", "supervisord") if not shutil.which(tool)]
-    assert not missing, f"{missing} not on PATH after apt-get install nginx supervisor"
+    assert not missing, f"{missing} not on PATH: run tools/setup_system.sh (make test does)"
 
 
 def free_loopback_ports(count: int) -> list:

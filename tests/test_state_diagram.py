@@ -1,4 +1,5 @@
-"""`python -m tools.plot_states`: a PNG, and DOT source with every state and transition label.
+"""`python -m tools.plot_states`: a PNG, and DOT source with every state and transition label;
+the committed diagram is the one states.py gives today.
 
 Each run happens in a fresh process: the engine's `app` is a module-level singleton, so
 states registered in this test process would leak into other tests.
@@ -14,6 +15,9 @@ from pathlib import Path
 import matplotlib.image
 import pydot
 import pytest
+from PIL import Image
+
+from tools.plot_states import DIGEST_KEY, dot_digest
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 # pydot's DOT parser still calls pyparsing's old camelCase names: not ours to fix.
@@ -63,10 +67,8 @@ TINY_STATES = textwrap.dedent("""
 
 @pytest.fixture(scope="session")
 def graphviz():
-    if shutil.which("dot") is None:
-        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                       "apt-get install -y -qq graphviz", shell=True, check=True, timeout=600)
-    assert shutil.which("dot"), "Graphviz's dot is needed to draw the diagram"
+    assert shutil.which("dot"), ("Graphviz's dot is needed to draw the diagram: "
+                                 "run tools/setup_system.sh (make test does)")
 
 
 def run_python(arguments, extra_path=None):
@@ -133,5 +135,27 @@ def test_roles_are_coloured_and_unlabelled_transitions_show_their_name(graphviz,
     assert end_borders["initial"] == end_borders["terminal"] == "2"
 
 
-def test_committed_diagram_is_a_png():
-    assert_valid_png(REPOSITORY_ROOT / "docs" / "state_diagram.png")
+def test_committed_diagram_is_drawn_from_todays_states(graphviz, tmp_path):
+    committed_png = REPOSITORY_ROOT / "docs" / "state_diagram.png"
+    committed_dot = REPOSITORY_ROOT / "docs" / "state_diagram.dot"
+    assert_valid_png(committed_png)
+    draw(tmp_path, "states")
+    regenerated = (tmp_path / "diagram.dot").read_text(encoding="utf-8")
+    stale = "docs/state_diagram.* are stale: run `python -m tools.plot_states` and commit them"
+    assert committed_dot.read_text(encoding="utf-8") == regenerated, stale
+    assert Image.open(committed_png).text.get(DIGEST_KEY) == dot_digest(regenerated), stale
+
+
+def test_the_png_records_the_graph_it_shows_and_a_changed_label_changes_it(graphviz, tmp_path):
+    """A renamed transition label in the states module makes the check above fail."""
+    digests = []
+    for label in ("sum broadcast", "sum sent"):
+        run_dir = tmp_path / label.replace(" ", "_")
+        run_dir.mkdir()
+        (run_dir / "tiny_states.py").write_text(TINY_STATES.replace("sum broadcast", label))
+        png, graph = draw(run_dir, "tiny_states", extra_path=run_dir)
+        source = (run_dir / "diagram.dot").read_text(encoding="utf-8")
+        assert ("gather", "terminal", label) in drawn_transitions(graph)
+        assert Image.open(png).text[DIGEST_KEY] == dot_digest(source)
+        digests.append(dot_digest(source))
+    assert digests[0] != digests[1]

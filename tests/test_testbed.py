@@ -223,8 +223,9 @@ def test_metrics_table_compares_fp32_and_int8(tmp_path):
     table = metrics_table("client_1", metrics)
     assert "0.9712" in table and "0.9700" in table
     assert "4.0" in table and "1.0" in table  # KB
-    assert "int8/fp32 size 0.25" in table
-    assert "fp32/int8 speed 3.00x" in table
+    assert "-0.12 pp" in table
+    assert "4.0x smaller" in table
+    assert "3.0x faster" in table
     site = tmp_path / "client_1"
     site.mkdir()
     (site / "metrics.json").write_text(json.dumps(metrics))

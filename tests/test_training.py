@@ -1,7 +1,7 @@
 """training/: seeding, loaders, the default train loop and evaluation (plain PyTorch)."""
 import importlib.util
+import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -36,26 +36,33 @@ def random_images(n, shape, n_classes=10, seed=0):
 
 @pytest.fixture
 def one_thread():
-    """Tiny batches run fastest on one thread, and CPU time then measures our work alone,
-    not the waiting of threads on a machine shared with other processes."""
+    """Tiny batches run fastest on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def test_lenet_learns_client_1_digits_in_two_epochs_within_seconds(one_thread):
+def test_lenet_learns_client_1_digits_in_two_epochs(one_thread):
+    """How long it takes is a benchmark figure (python -m bench.training), not a test."""
     seed_everything(0)
     model = model_class(MNIST_MODEL)()
-    started = time.process_time()
-    metrics = train(model, make_loader(client_1("train"), batch_size=8, shuffle=True, seed=0),
-                    epochs=2, learning_rate=2e-3)
+    loader = make_loader(client_1("train"), batch_size=8, shuffle=True, seed=0)
+    metrics = train(model, loader, epochs=2, learning_rate=2e-3)
     result = evaluate(model, make_loader(client_1("test"), batch_size=256, shuffle=False))
-    cpu_seconds = time.process_time() - started
     assert result.n == 334
     assert result.accuracy > 0.85, result.accuracy
-    assert cpu_seconds < 4, f"2 epochs on 1333 digits took {cpu_seconds:.1f} CPU seconds"
     assert 0 < metrics["loss"] < 1 and 0.7 < metrics["accuracy"] <= 1
+
+
+def test_training_benchmark_reports_cpu_time_and_what_the_run_learned(tmp_path):
+    import bench.training
+    document = bench.training.main(["--repeats", "1", "--out", str(tmp_path / "training.json")])
+    written = json.loads((tmp_path / "training.json").read_text())
+    assert written == json.loads(json.dumps(document))
+    assert (written["n_train"], written["n_test"], written["epochs"]) == (1333, 334, 2)
+    assert written["cpu_s_median"] > 0 and written["wall_s_median"] > 0
+    assert written["test_accuracy"] > 0.85
 
 
 class ClassFromFirstPixel(nn.Module):

@@ -45,9 +45,11 @@ def test_finished_page_shows_fp32_int8_table_and_stops_refreshing():
     assert "98.12 %" in html and "97.90 %" in html      # site accuracies
     assert "100.0 KB" in html and "25.0 KB" in html      # sizes
     assert "2.00 ms" in html and "0.50 ms" in html       # latencies
-    assert "0.25×" in html                               # size and latency ratio int8/fp32
+    assert "4.0x smaller" in html and "4.0x faster" in html  # size and latency, fp32 vs int8
+    assert "×" not in html
     assert "-0.22 pp" in html                            # site accuracy difference
     assert "-0.50 pp" in html                            # federation accuracy difference
+    assert "+0.0050" in html and "+0.0100" in html       # loss differences, int8 - fp32
     assert 'http-equiv="refresh"' not in html
 
 

@@ -1,4 +1,5 @@
-"""Draw the app's state machine: `python -m tools.plot_states` writes docs/state_diagram.png.
+"""Draw the app's state machine: `python -m tools.plot_states` writes docs/state_diagram.png
+and the Graphviz source it was drawn from, docs/state_diagram.dot.
 
 Like `featurecloud app plot-states`, it imports the states module (which registers every state
 on the engine's module-level `app` through `app_state`), lets each state register its
@@ -6,12 +7,18 @@ transitions, and draws one node per state and one labelled edge per transition w
 (Graphviz's `dot` must be installed). Colours say which role may take a state or transition:
 purple both, red the coordinator only, blue participants only; `initial` and `terminal` get a
 double border.
+
+The PNG carries the SHA-256 of that DOT source in a PNG text chunk (`dot-sha256`), so a test
+can regenerate the graph from states.py and tell whether the committed picture is stale.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pydot
@@ -22,6 +29,7 @@ DEFAULT_OUTPUT = REPOSITORY_ROOT / "docs" / "state_diagram.png"
 # (participant, coordinator) -> colour, the same code FeatureCloud's own diagrams use
 ROLE_COLORS = {(True, True): "purple", (False, True): "red", (True, False): "blue"}
 END_STATES = ("initial", "terminal")
+DIGEST_KEY = "dot-sha256"
 
 
 def load_app(states_module: str = DEFAULT_STATES_MODULE):
@@ -65,14 +73,29 @@ def _flow_order(state_names):
     return [name for name in ("initial", *middle, "terminal") if name in state_names]
 
 
+def dot_digest(dot_source: str) -> str:
+    """What the PNG records of the graph it shows: the SHA-256 of its DOT source."""
+    return hashlib.sha256(dot_source.encode("utf-8")).hexdigest()
+
+
+def with_text_chunk(png: bytes, key: str, value: str) -> bytes:
+    """The PNG with a tEXt chunk (key, value) inserted before its final IEND chunk."""
+    iend = png.rindex(b"IEND") - 4            # the chunk starts with its 4-byte length
+    body = b"tEXt" + key.encode("latin-1") + b"\0" + value.encode("latin-1")
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:iend] + chunk + png[iend:]
+
+
 def main(argv=None) -> Path:
     arguments = _parse(argv)
     graph = build_graph(load_app(arguments.states))
+    source = graph.to_string()
+    dot_path = arguments.dot or arguments.out.with_suffix(".dot")
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    graph.write_png(str(arguments.out))
-    if arguments.dot:
-        arguments.dot.write_text(graph.to_string(), encoding="utf-8")
-    print(f"state diagram written to {arguments.out}")
+    dot_path.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_bytes(with_text_chunk(graph.create_png(), DIGEST_KEY, dot_digest(source)))
+    dot_path.write_text(source, encoding="utf-8")
+    print(f"state diagram written to {arguments.out} (source: {dot_path})")
     return arguments.out
 
 
@@ -83,7 +106,8 @@ def _parse(argv):
                         help="module that registers the states (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT,
                         help="PNG to write (default: docs/state_diagram.png)")
-    parser.add_argument("--dot", type=Path, help="also write the Graphviz DOT source here")
+    parser.add_argument("--dot", type=Path,
+                        help="where to write the Graphviz DOT source (default: OUT with .dot)")
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,8 @@
 """The status page as one self-contained HTML document (no scripts, no external files)."""
 from html import escape
 
+from outputs import compare  # standard library only, like this module
+
 MISSING = "–"
 REFRESH_SECONDS = 2
 
@@ -38,19 +40,6 @@ def _plain(value) -> str:
     return f"{value:.4f}" if _is_number(value) else MISSING
 
 
-def _ratio(int8_value, fp32_value) -> str:
-    if not (_is_number(int8_value) and _is_number(fp32_value)) or fp32_value == 0:
-        return MISSING
-    return f"{int8_value / fp32_value:.2f}×"
-
-
-def _points(int8_fraction, fp32_fraction) -> str:
-    # Accuracies compare as a difference in percentage points, not as a ratio.
-    if not (_is_number(int8_fraction) and _is_number(fp32_fraction)):
-        return MISSING
-    return f"{100 * (int8_fraction - fp32_fraction):+.2f} pp"
-
-
 def _round_text(status: dict) -> str:
     round_number, max_iter = status.get("round"), status.get("max_iter")
     if round_number is None:
@@ -76,8 +65,10 @@ def _overview(status: dict) -> str:
     return f"<dl>{cells}</dl>"
 
 
-def _comparison_row(label: str, fp32: dict, int8: dict, key: str, fmt, compare) -> str:
-    cells = [label, fmt(fp32.get(key)), fmt(int8.get(key)), compare(int8.get(key), fp32.get(key))]
+def _comparison_row(label: str, fp32: dict, int8: dict, key: str, fmt, versus) -> str:
+    """versus: an outputs.compare function of (fp32, int8)."""
+    versus_text = versus(fp32.get(key), int8.get(key)) or MISSING
+    cells = [label, fmt(fp32.get(key)), fmt(int8.get(key)), versus_text]
     return "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells) + "</tr>"
 
 
@@ -86,12 +77,12 @@ def _results_table(results: dict) -> str:
     site_fp32, site_int8 = site.get("fp32", {}), site.get("int8", {})
     fed_fp32, fed_int8 = federation.get("fp32", {}), federation.get("int8", {})
     rows = [
-        _comparison_row("Site accuracy", site_fp32, site_int8, "accuracy", _percent, _points),
-        _comparison_row("Site loss", site_fp32, site_int8, "loss", _plain, _ratio),
-        _comparison_row("Model size", site_fp32, site_int8, "size_bytes", _kilobytes, _ratio),
-        _comparison_row("Latency", site_fp32, site_int8, "latency_ms", _milliseconds, _ratio),
-        _comparison_row("Federation accuracy", fed_fp32, fed_int8, "accuracy", _percent, _points),
-        _comparison_row("Federation loss", fed_fp32, fed_int8, "loss", _plain, _ratio),
+        _comparison_row("Site accuracy", site_fp32, site_int8, "accuracy", _percent, compare.point_change),
+        _comparison_row("Site loss", site_fp32, site_int8, "loss", _plain, compare.difference),
+        _comparison_row("Model size", site_fp32, site_int8, "size_bytes", _kilobytes, compare.size),
+        _comparison_row("Latency", site_fp32, site_int8, "latency_ms", _milliseconds, compare.latency),
+        _comparison_row("Federation accuracy", fed_fp32, fed_int8, "accuracy", _percent, compare.point_change),
+        _comparison_row("Federation loss", fed_fp32, fed_int8, "loss", _plain, compare.difference),
     ]
     header = "<tr><th></th><th>fp32</th><th>int8</th><th>int8 vs fp32</th></tr>"
     return f"<h2>fp32 vs int8</h2><table>{header}{''.join(rows)}</table>"
