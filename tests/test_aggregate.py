@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from federation.aggregate import UpdateError, check_update, weighted_average
+from federation.aggregate import weighted_average
+from federation.checks import SiteMismatchError, UpdateError, check_report, check_tensors, schema_of
 
 
 def bn_net(value):
@@ -53,7 +54,7 @@ def test_bad_update_names_the_sender(corrupt, text):
     reference, update = bn_net(1.0), bn_net(1.0)
     corrupt(update)
     with pytest.raises(UpdateError, match="site abc123") as error:
-        check_update(reference, update, "abc123")
+        check_tensors(schema_of(reference), update, "abc123")
     assert text in str(error.value)
 
 
@@ -65,29 +66,26 @@ def test_bad_update_names_the_sender(corrupt, text):
     ("summary", {"n_train": 5, "n_test": 5, "input_shape": "1x28x28", "n_classes": 10}, "'input_shape'"),
 ])
 def test_malformed_reports_name_the_sender(kind, meta, text):
-    from federation.summary import SiteMismatchError, check_report
     with pytest.raises(SiteMismatchError, match="site s2") as error:
         check_report(kind, meta, "s2")
     assert text in str(error.value)
 
 
 def test_well_formed_report_passes():
-    from federation.summary import check_report
     check_report("update", {"n_train": 10, "train_loss": 0.5, "train_accuracy": 1}, "s1")
 
 
 def test_observer_ranges_may_be_infinite_but_never_nan():
     reference = {"obs.min_val": torch.tensor([0.0]), "obs.max_val": torch.tensor([1.0])}
     unseen = {"obs.min_val": torch.tensor([float("inf")]), "obs.max_val": torch.tensor([float("-inf")])}
-    check_update(reference, unseen, "s1", allow_infinite=True)
+    check_tensors(schema_of(reference), unseen, "s1", allow_infinite=True)
     with pytest.raises(UpdateError, match="NaN or infinite"):
-        check_update(reference, unseen, "s1")
+        check_tensors(schema_of(reference), unseen, "s1")
     with pytest.raises(UpdateError, match="site s1: 'obs.max_val' has NaN"):
-        check_update(reference, {**unseen, "obs.max_val": torch.tensor([float("nan")])}, "s1", allow_infinite=True)
+        check_tensors(schema_of(reference), {**unseen, "obs.max_val": torch.tensor([float("nan")])}, "s1", allow_infinite=True)
 
 
 def test_results_report_figures_are_checked():
-    from federation.summary import SiteMismatchError, check_report
     good = {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1}, "int8": {"accuracy": 0.9, "loss": 0.1}}
     check_report("results", good, "s3")
     with pytest.raises(SiteMismatchError, match="site s3 sent a figures report whose 'accuracy' is 'high'"):

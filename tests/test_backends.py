@@ -20,7 +20,7 @@ def test_backend_gives_every_site_the_same_int8_model(backend, quant_type, tmp_p
     saved = []
     for index, site in enumerate(sites):
         path = tmp_path / f"site{index}.pt"
-        quant.save_torchscript(site.int8_model, site.example_inputs, path, backend)
+        quant.save_torchscript(site.recipe.int8_model, site.inputs.example_inputs, path, backend)
         saved.append(int8_tensors(torch.jit.load(path)))
     for other in saved[1:]:
         assert_identical(saved[0], other)

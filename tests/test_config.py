@@ -3,7 +3,7 @@ optimizer, mu, device, communication), and an error naming file and key for each
 import pytest
 import torch
 
-from federation.site import resolve_device
+from inputs.site_inputs import resolve_device
 from inputs.config import AppConfig, InputError, load_config, parse_config
 
 BASE = {"model": "mnist_model.py", "train_dataset": "train.pth", "test_dataset": "test.pth"}

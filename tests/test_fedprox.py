@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from inputs.errors import InputError
-from tests.test_compress import tiny_federation
+from tests.test_compress import receive_own_model, tiny_federation
 from training import train
 from training.loop import proximal_term
 
@@ -83,14 +83,14 @@ def sites_with_train_file(tmp_path, source, **config):
 def test_site_passes_the_rounds_global_weights_and_device(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (site,) = sites_with_train_file(tmp_path, RECORDING_TRAIN, mu=0.05, device="auto")
-    site.load_global(site.update_tensors())
+    receive_own_model(site)
     site.start_round()
     site.train_round()
-    received = site.train_function.__globals__["RECEIVED"][-1]
+    received = site.local.train_function.__globals__["RECEIVED"][-1]
     assert received["device"] == "cpu" and received["mu"] == 0.05
     for name, value in received["at_start"].items():
         assert torch.equal(received["global_weights"][name], value)
-    assert next(site.model.parameters()).device.type == "cpu"
+    assert next(site.local.model.parameters()).device.type == "cpu"
 
 
 def test_mu_with_a_train_function_without_the_keywords_is_refused(tmp_path):

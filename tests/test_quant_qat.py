@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import quant
-from federation.aggregate import federated_average, join, split
+from federation.aggregate import weighted_average
 from tests.test_quant_models import BnResidualNet, BranchingNet, LeNet, image_batches
 
 
@@ -103,9 +103,8 @@ def test_qat_federation_ends_with_one_int8_model_at_every_site():
             quant.freeze_qat(prepared, observers=round_number >= 3, batchnorm=round_number >= 2)
             _train_steps(prepared, image_batches((1, 28, 28), count=2, seed=10 * round_number + index))
         site_ranges = [quant.observer_stats(p) for p in sites]
-        updates = [join(quant.float_state(p), stats) for p, stats in zip(sites, site_ranges)]
-        averaged = federated_average(updates, [100, 200, 300])
-        weights, ranges = split(averaged)
+        weights = weighted_average([quant.float_state(p) for p in sites], [100, 200, 300])
+        ranges = quant.merge_calibration(site_ranges)
         assert not any(k.endswith(("observer_enabled", "fake_quant_enabled")) for k in weights)
         # merged, not averaged: the federation's range covers every site's range
         for key in (k for k in ranges if k.endswith("min_val")):

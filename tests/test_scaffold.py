@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from bench.simulate import load_sites, run_rounds
-from federation.aggregate import CONTROLS, control_variates, federated_average, join
-from federation.server_optimizer import ServerOptimizer
+from federation.aggregate import weighted_average
+from federation.messages import ModelMessage
+from federation.rules import Scaffold
 from inputs.config import parse_config
 from inputs.errors import InputError
 from testbed.split import write_client_dirs
-from tests.test_compress import MNIST_MODEL, TINY_CONFIG
+from tests.test_compress import MNIST_MODEL, TINY_CONFIG, receive_own_model
 from tests.test_fedprox import sites_with_train_file, small_problem
 from training import train
 from training.scaffold import ControlVariates
@@ -71,17 +72,17 @@ def test_a_correction_changes_training():
     assert not torch.equal(plain[0].weight, corrected[0].weight)
 
 
-def test_federated_average_averages_controls_by_sample_count():
-    updates = [join({"a": torch.tensor([1.0])}, {}, {"a": torch.tensor([2.0])}),
-               join({"a": torch.tensor([3.0])}, {}, {"a": torch.tensor([8.0])})]
-    averaged = federated_average(updates, [3, 1])
-    assert torch.equal(averaged["w/a"], torch.tensor([1.5]))
-    assert torch.equal(control_variates(averaged)["a"], torch.tensor([3.5]))
+def test_controls_travel_beside_the_weights_and_average_by_sample_count():
+    updates = [ModelMessage({"a": torch.tensor([1.0])}, {}, {"a": torch.tensor([2.0])}),
+               ModelMessage({"a": torch.tensor([3.0])}, {}, {"a": torch.tensor([8.0])})]
+    assert set(updates[0].joined()) == {"w/a", "c/a"}
+    assert ModelMessage.split(updates[1].joined()).controls == updates[1].controls
+    assert torch.equal(weighted_average([u.controls for u in updates], [3, 1])["a"], torch.tensor([3.5]))
 
 
 def test_the_server_takes_the_average_as_it_is():
-    averaged = {"w/a": torch.tensor([1.0]), CONTROLS + "a": torch.tensor([2.0])}
-    next_global = ServerOptimizer("scaffold").step({"w/a": torch.tensor([0.0])}, averaged, {"w/a"})
+    averaged = {"a": torch.tensor([1.0])}
+    next_global = Scaffold().step({"a": torch.tensor([0.0])}, averaged, ["a"])
     assert next_global == averaged
 
 
@@ -103,13 +104,13 @@ def simulated_sites(tmp_path, **overrides):
 def test_a_federation_keeps_identical_globals_with_the_sites_mean_control(tmp_path, communication):
     sites = simulated_sites(tmp_path, communication=communication)
     run_rounds(sites)
-    first = sites[0].global_tensors
-    assert any(name.startswith(CONTROLS) for name in first)
+    first = sites[0].codec.last_global
+    assert any(name.startswith("c/") for name in first)
     for site in sites[1:]:
-        assert first.keys() == site.global_tensors.keys()
-        assert all(torch.equal(first[name], site.global_tensors[name]) for name in first)
-    server_control = control_variates(first)["conv1.weight"]
-    local = [site.control["conv1.weight"] for site in sites]
+        assert first.keys() == site.codec.last_global.keys()
+        assert all(torch.equal(first[name], site.codec.last_global[name]) for name in first)
+    server_control = ModelMessage.split(first).controls["conv1.weight"]
+    local = [site.local.control["conv1.weight"] for site in sites]
     assert not torch.equal(local[0], local[1])  # skewed sites: different gradients
     # c is the sites' mean c_i (equal sample counts); int8 deltas are off by half a step.
     tolerance = 1e-6 if communication == "float32" else 0.02 * server_control.abs().max().item()
@@ -133,8 +134,8 @@ def test_a_train_function_with_control_receives_the_correction(tmp_path):
               "def train(model, train_loader, epochs, learning_rate, control=None):\n"
               "    RECEIVED.append(control)\n")
     (site,) = sites_with_train_file(tmp_path, source, aggregation="scaffold")
-    site.load_global(site.update_tensors())
+    receive_own_model(site)
     site.start_round()
     with pytest.raises(ValueError, match="control.correct"):  # it never corrected a gradient
         site.train_round()
-    assert isinstance(site.train_function.__globals__["RECEIVED"][-1], ControlVariates)
+    assert isinstance(site.local.train_function.__globals__["RECEIVED"][-1], ControlVariates)
