@@ -1,7 +1,9 @@
-"""What travels between sites and how it is combined.
+"""What travels between sites and how the coordinator combines it.
 
-payload.py   safetensors bytes + JSON metadata: the only wire format (never pickle)
-aggregate.py weighted federated averaging and the checks every received update passes
-site.py      one site's model, data and metrics across the run (plain PyTorch)
-engine.py    the thin wrapper over FeatureCloud's engine (the only module here that imports it)
+site.py         Site: one site's side of the federation (message bytes in and out)
+coordinator.py  Coordinator: everything the coordinator does with what the sites send
+messages.py     Codec: the wire, in one place (encode / decode / check every message)
+rules.py        aggregation rules (FedAvg, FedAvgM, FedAdam, Scaffold)
+engine.py       the thin wrapper over FeatureCloud's engine (the only module here that imports it)
+payload.py, compress.py, checks.py, aggregate.py, summary.py: the pieces the above use
 """
