@@ -145,7 +145,7 @@ class WriteResults(FederatedState):
         self.send_to_coordinator("results", self.site.results_message())
         if self.is_coordinator:
             self.broadcast("final", self.aggregator.final(self.gather("results")))
-        site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"))
+        site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"), "final")
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation)
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe, metrics, site.predictions)

@@ -53,8 +53,9 @@ def load_sites(client_dirs, generic_dir, overrides=None):
 
 
 def _pieces(messages):
-    """What the coordinator's gather returns: (sender, bytes) in client order."""
-    return list(enumerate(messages))
+    """What the coordinator's gather returns: (sender, bytes) in client order; the senders are
+    the sites' numbers from 1, as the testbed's client_<i>."""
+    return list(enumerate(messages, start=1))
 
 
 def run_rounds(sites):

@@ -1,5 +1,7 @@
 """The checks every message from another site passes: tensors against the expected schema,
 reports against their fields. Each error names the sending site."""
+import math
+
 import torch
 
 
@@ -36,29 +38,131 @@ def check_tensors(schema, tensors, sender, allow_infinite=False):
             raise UpdateError(f"update from site {sender}: '{name}' has NaN or infinite values")
 
 
-_NUMBER = (int, float)
-# What each report must hold: key -> accepted types (bool is excluded from numbers below).
+# ---- reports ------------------------------------------------------------------------------
+# Everything another site claims is range-checked before it is used: counts feed the weights
+# of every average, figures feed the federation's weighted means and every site's metrics.json.
+MAX_COUNT = 10 ** 9          # samples at one site (n_train, n_test)
+MAX_TOTAL = 10 ** 12         # samples over a federation (the `final` message's sums)
+MAX_SITES = 10 ** 4
+MAX_ROUNDS = 10 ** 5
+MAX_CLASSES = 10 ** 6
+MAX_SITE_ID = 128            # characters of a site id
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _power(number):
+    exponent = round(math.log10(number))
+    return f"10**{exponent}" if number == 10 ** exponent and exponent > 3 else str(number)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Field:
+    """One report field: a check and, for the error message, what it demands."""
+
+    def __init__(self, demand, check, optional=False):
+        self.demand, self.check, self.optional = demand, check, optional
+
+    def errors(self, value, path):
+        """(path, value, demand) of the first problem, or None."""
+        if value is None and self.optional:
+            return None
+        return None if self.check(value) else (path, value, self.demand)
+
+
+def count(limit=MAX_COUNT, low=1):
+    return Field(f"an integer in {low}..{_power(limit)}", lambda v: _is_int(v) and low <= v <= limit)
+
+
+def fraction(optional=False):
+    return Field("a number in [0, 1]" + (" or null" if optional else ""),
+                 lambda v: _is_number(v) and 0 <= v <= 1, optional)  # NaN fails both comparisons
+
+
+def non_negative():
+    return Field("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < math.inf)
+
+
+SHAPE = Field("a list of 1 to 8 integers in 1..10**6",
+              lambda v: isinstance(v, list) and 1 <= len(v) <= 8 and all(_is_int(d) and 1 <= d <= 10 ** 6 for d in v))
+SITE_ID = Field(f"a site id (text of 1 to {MAX_SITE_ID} characters, or an integer)",
+                lambda v: (isinstance(v, str) and 1 <= len(v) <= MAX_SITE_ID) or (_is_int(v) and 0 <= v <= MAX_COUNT))
+
+
+class Record:
+    """A nested report: a dict whose fields are checked in turn."""
+
+    def __init__(self, fields):
+        self.fields = fields
+
+    def errors(self, value, path):
+        if not isinstance(value, dict):
+            return path or "(the report)", value, "a JSON object"
+        for key, spec in self.fields.items():
+            problem = spec.errors(value.get(key), f"{path}.{key}" if path else key)
+            if problem:
+                return problem
+        return None
+
+
+class ListOf:
+    def __init__(self, item, limit):
+        self.item, self.limit = item, limit
+
+    def errors(self, value, path):
+        if not isinstance(value, list) or len(value) > self.limit:
+            return path, value, f"a list of at most {_power(self.limit)} entries"
+        for index, item in enumerate(value):
+            problem = self.item.errors(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+
+
+FIGURES = {"accuracy": fraction(), "loss": non_negative()}
+ROUND_ROW = Record({"round": count(MAX_ROUNDS), "train_loss": non_negative(), "train_accuracy": fraction(),
+                    "test_loss": non_negative(), "test_accuracy": fraction()})
+# Each site as the coordinator saw it: what it claimed, the share of the averaging weight it got,
+# the rounds its update was left out of (robust aggregation: federation/robust.py).
+SITE_ROW = Record({"id": SITE_ID, "n_train": count(), "weight": fraction(),
+                   "excluded_rounds": ListOf(count(MAX_ROUNDS), MAX_ROUNDS)})
+# What each report must hold: field -> its check (nested: Record, ListOf).
 REPORT_FIELDS = {
-    "summary": {"n_train": int, "n_test": int, "input_shape": list, "n_classes": int},
-    "update": {"n_train": int, "train_loss": _NUMBER, "train_accuracy": _NUMBER},
-    "test": {"n_test": int, "test_loss": _NUMBER, "test_accuracy": _NUMBER},
-    "results": {"n_train": int, "n_test": int, "fp32": dict, "int8": dict},
-    "figures": {"accuracy": _NUMBER, "loss": _NUMBER},
+    "summary": {"n_train": count(), "n_test": count(), "input_shape": SHAPE, "n_classes": count(MAX_CLASSES)},
+    "update": {"n_train": count(), "train_loss": non_negative(), "train_accuracy": fraction()},
+    "global": {"federation_accuracy": fraction(optional=True)},
+    "test": {"n_test": count(), "test_loss": non_negative(), "test_accuracy": fraction()},
+    "results": {"n_train": count(), "n_test": count(), "fp32": Record(FIGURES), "int8": Record(FIGURES)},
+    "final": {"rounds": ListOf(ROUND_ROW, MAX_ROUNDS),
+              "figures": Record({"n_sites": count(MAX_SITES), "n_train": count(MAX_TOTAL),
+                                 "n_test": count(MAX_TOTAL), "fp32": Record(FIGURES), "int8": Record(FIGURES)}),
+              "sites": ListOf(SITE_ROW, MAX_SITES)},
 }
 
 
 def check_report(kind, meta, sender):
-    """Raise SiteMismatchError unless `meta` has the fields a `kind` report needs, sensibly typed.
+    """Raise SiteMismatchError unless `meta` has every field a `kind` report needs, each of the
+    right type and in range: counts are integers in 1..10**9, accuracies numbers in [0, 1],
+    losses finite numbers >= 0 (NaN and infinity fail).
 
-    Figures from other sites feed the weighted means; a count that is not a positive integer or
-    a figure that is not a number would silently skew them.
+    Figures from other sites feed the weighted averages and means; a count that is not a sane
+    positive integer or a figure out of its range would silently skew them.
     """
-    for key, types in REPORT_FIELDS[kind].items():
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise SiteMismatchError(f"site {sender} sent a {kind} report whose '{key}' is {value!r}")
-        if key.startswith("n_") and value < 1:
-            raise SiteMismatchError(f"site {sender} sent a {kind} report whose '{key}' is {value!r}")
-    if kind == "results":
-        for precision in ("fp32", "int8"):
-            check_report("figures", meta[precision], sender)
+    problem = Record(REPORT_FIELDS[kind]).errors(meta, "")
+    if problem:
+        path, value, demand = problem
+        raise SiteMismatchError(f"site {sender} sent a '{kind}' report whose '{path}' is {_shown(value)}: "
+                                f"expected {demand}")
+
+
+def _shown(value, limit=60):
+    """A received value for an error message, short whatever its size."""
+    if _is_int(value) and abs(value) >= 10 ** 18:
+        return f"an integer of {len(str(abs(value)))} digits"  # json.loads caps ints at 4300 digits
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -4,8 +4,14 @@ It receives what the sites sent as (sender, bytes) pieces, in client order, and 
 bytes to broadcast: decoding and checking each site's message (through the site's Codec),
 weighted averaging, merging observer statistics, the aggregation rule's step, SCAFFOLD's
 control variates, and the federation-wide figures.
+
+Before averaging, the updates pass the robustness defences of `federation.robust`: the outlier
+check on each update's distance to the previous global, the cap on any one site's share of the
+weight, and the robust combination config.yml asks for (docs/robustness.md).
 """
+from federation import robust
 from federation.aggregate import weighted_average
+from federation.checks import SiteMismatchError, UpdateError
 from federation.messages import Codec, ModelMessage
 from federation.rules import rule_from_config
 from federation.summary import check_sites_fit, federation_results, federation_round
@@ -19,35 +25,82 @@ class Coordinator:
         self.rule = rule_from_config(site.config)
         self.rounds = []         # federation-wide figures per round
         self._update_meta = []   # this round's update figures, for its row
+        self.sites = {}          # sender -> what it claimed and what weight it got (the `final` message)
 
     @property
     def codec(self) -> Codec:
         return self.site.codec
 
     def check_summaries(self, pieces):
+        _check_senders(pieces, "summary")
         summaries = [(sender, self.codec.decode_report(sender, data, "summary")) for sender, data in pieces]
         check_sites_fit(summaries)
+        method = self.site.config.robust_aggregation
+        if method != "none" and len(pieces) < robust.MIN_SITES:
+            raise SiteMismatchError(
+                f"robust_aggregation: {method} needs at least {robust.MIN_SITES} sites, this federation "
+                f"has {len(pieces)}: with fewer, no method can tell which site is wrong (use none)")
 
     def first_global(self):
         return self.codec.encode_model(self.site.local_message())
 
     def aggregate(self, pieces):
-        """The next global model from the sites' updates: weighted average, merged observer
-        statistics, averaged control variates, then the rule's step from the previous global."""
+        """The next global model from the sites' updates: outliers found, weights capped, the
+        updates combined (weighted average, or the robust method), merged observer statistics,
+        averaged control variates, then the rule's step from the previous global."""
+        _check_senders(pieces, "update")
+        senders = [sender for sender, _ in pieces]
         updates = [self.codec.decode_model(sender, data, report="update") for sender, data in pieces]
         self._update_meta = [update.meta for update in updates]
-        sizes = [update.meta["n_train"] for update in updates]
         previous = ModelMessage.split(self.codec.last_global)
-        weights = self.rule.step(previous.weights, weighted_average([u.weights for u in updates], sizes),
-                                 self.site.parameter_names())
-        controls = weighted_average([u.controls for u in updates], sizes) if updates[0].controls else {}
-        observers = merge_calibration([u.observers for u in updates])
+        kept = self._without_outliers(previous.weights, senders, updates)
+        config = self.site.config
+        kept_updates = [updates[index] for index in kept]
+        shares = robust.capped_weights([update.meta["n_train"] for update in kept_updates], config.max_site_weight)
+        self._record_weights(senders, updates, kept, shares, config.robust_aggregation)
+        combined = robust.COMBINE[config.robust_aggregation](previous.weights, [u.weights for u in kept_updates], shares)
+        weights = self.rule.step(previous.weights, combined, self.site.parameter_names())
+        controls = weighted_average([u.controls for u in kept_updates], shares) if updates[0].controls else {}
+        observers = merge_calibration([u.observers for u in kept_updates])
         latest = self.rounds[-1]["test_accuracy"] if self.rounds else None  # for the status pages
         return self.codec.encode_model(ModelMessage(weights, observers, controls,
                                                     {"federation_accuracy": latest}))
 
+    def _without_outliers(self, previous, senders, updates):
+        """Indices of the updates to combine. An outlier (federation.robust.find_outliers) stops
+        the run naming its site; with a robust method it is left out of this round instead."""
+        config = self.site.config
+        distances = robust.update_distances(previous, [update.weights for update in updates])
+        outliers = robust.find_outliers(distances, config.outlier_factor)
+        if outliers and config.robust_aggregation == "none":
+            index, ratio = outliers[0]
+            raise UpdateError(
+                f"update from site {senders[index]} is an outlier: {ratio:.1f} times as far from the "
+                f"previous global model as the other sites' updates (median), more than outlier_factor "
+                f"{config.outlier_factor:g}; a hostile or broken site (or, if its data really differ "
+                f"that much, raise outlier_factor or set robust_aggregation)")
+        round_number = len(self.rounds) + 1
+        for index, _ in outliers:
+            self._site_row(senders[index], updates[index])["excluded_rounds"].append(round_number)
+        excluded = {index for index, _ in outliers}
+        return [index for index in range(len(updates)) if index not in excluded]
+
+    def _site_row(self, sender, update):
+        row = self.sites.setdefault(str(sender), {"id": sender, "n_train": 0, "weight": 0.0, "excluded_rounds": []})
+        row["n_train"] = update.meta["n_train"]
+        return row
+
+    def _record_weights(self, senders, updates, kept, weights, method):
+        """Each site's claimed n_train and its share of this round's averaging weight."""
+        shares = [1 / len(kept)] * len(kept) if method in ("trimmed_mean", "median") else \
+            [weight / sum(weights) for weight in weights]
+        share_of = dict(zip(kept, shares))
+        for index, (sender, update) in enumerate(zip(senders, updates)):
+            self._site_row(sender, update)["weight"] = share_of.get(index, 0.0)
+
     def record_round(self, round_number, pieces):
         """The round's federation-wide row from the sites' test figures."""
+        _check_senders(pieces, "test")
         tests = [self.codec.decode_report(sender, data, "test") for sender, data in pieces]
         row = federation_round(round_number, self._update_meta, tests)
         self.rounds.append(row)
@@ -55,10 +108,23 @@ class Coordinator:
 
     def merge_calibration(self, pieces, own_stats):
         """The federation's observer statistics from every site's."""
+        _check_senders(pieces, "calibration")
         stats = [self.codec.decode_stats(sender, data, own_stats) for sender, data in pieces]
         return self.codec.encode_stats(merge_calibration(stats))
 
     def final(self, pieces):
-        """The federation-wide rounds and fp32/int8 figures every site writes."""
+        """The federation-wide rounds and fp32/int8 figures every site writes, and what each site
+        claimed (n_train) and got (its share of the averaging weight, rounds it was left out of)."""
+        _check_senders(pieces, "results")
         reports = [self.codec.decode_report(sender, data, "results") for sender, data in pieces]
-        return self.codec.encode_report({"rounds": self.rounds, "figures": federation_results(reports)})
+        return self.codec.encode_report({"rounds": self.rounds, "figures": federation_results(reports),
+                                         "sites": list(self.sites.values())})
+
+
+def _check_senders(pieces, kind):
+    """One message per site: a site whose message arrived twice would be counted twice."""
+    seen = set()
+    for sender, _ in pieces:
+        if sender in seen:
+            raise UpdateError(f"site {sender} sent more than one '{kind}' message this round")
+        seen.add(sender)

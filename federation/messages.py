@@ -8,7 +8,8 @@ SCAFFOLD's control variates (averaged like the weights).
     encode: join (name prefixes) -> compress (int8 deltas, `communication: int8`) -> payload
     decode: payload -> decompress -> check against the expected schema -> split
 
-Reports (summary, test figures, results, final) are metadata only; statistics messages
+Reports (summary, test figures, results, final) are metadata only, range-checked like every
+model message's metadata (federation.checks.check_report); statistics messages
 (calibration, qparams) are observer statistics only. Nothing received is used unchecked.
 """
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class Codec:
         return payload.encode(tensors, message.meta)
 
     def decode_model(self, sender, data, report=None):
-        """A site's update (`report="update"`: its figures are checked too) or a global model."""
+        """A site's update or a global model; `report` ("update", "global"): the kind of report
+        its metadata must be (federation.checks.REPORT_FIELDS)."""
         tensors, meta = payload.decode(data, sender)
         tensors = decompress(tensors, self.last_global, sender)
         check_tensors(self.model_schema, tensors, sender)
@@ -71,7 +73,7 @@ class Codec:
 
     def decode_global(self, sender, data):
         """The coordinator's global model; it is what the next int8 deltas refer to."""
-        message = self.decode_model(sender, data)
+        message = self.decode_model(sender, data, report="global")
         self.last_global = message.joined()
         return message
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from federation.robust import ROBUST_AGGREGATIONS
 from federation.rules import AGGREGATIONS
 from inputs.errors import InputError
 from quant import BACKENDS, QUANT_TYPES
@@ -58,6 +59,15 @@ class AppConfig:
     mu: float = 0.0
     device: str = "auto"
     communication: str = "float32"
+    # Robustness against a hostile or broken site (docs/robustness.md): how the coordinator
+    # combines the updates (none: the weighted average; norm_clip, trimmed_mean, median), the
+    # outlier check (an update more than outlier_factor times as far from the previous global
+    # as the other sites' median stops the run naming the site, or with a robust method is left
+    # out of the round; null: no check), and the largest share of the averaging weight any one
+    # site gets, whatever n_train it claims (null: no cap).
+    robust_aggregation: str = "none"
+    outlier_factor: float | None = 4.0
+    max_site_weight: float | None = 0.5
 
     def qat_schedule(self):
         """(first QAT round, BatchNorm freeze round, observer freeze round).
@@ -113,6 +123,11 @@ _RULES = {
     "mu": ((int, float), lambda v: 0 <= v < float("inf"), "a number >= 0 (0: no FedProx term)"),
     "device": ((str,), lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
     "communication": ((str,), lambda v: v in COMMUNICATIONS, f"one of {', '.join(COMMUNICATIONS)}"),
+    "robust_aggregation": ((str,), lambda v: v in ROBUST_AGGREGATIONS, f"one of {', '.join(ROBUST_AGGREGATIONS)}"),
+    "outlier_factor": ((int, float, type(None)), lambda v: v is None or 1 < v < float("inf"),
+                       "a number > 1 (how many times the other sites' median distance), or null for no check"),
+    "max_site_weight": ((int, float, type(None)), lambda v: v is None or 0 < v <= 1,
+                        "a number in (0, 1] (a share of the total averaging weight), or null for no cap"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"

@@ -69,6 +69,7 @@ def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: st
         _summary_section(metrics),
         _comparison_section(metrics, comparison_png),
         _rounds_section(metrics, rounds_png),
+        _sites_section(metrics),
         _confusion_section(labels, counts),
         _config_section(config_text),
     ]
@@ -161,6 +162,32 @@ def _rounds_section(metrics, figure_path):
         "<p class='caption'>Train figures are measured during local training in that round; "
         "test figures are those of the global model that the round produced "
         f"({MISSING}: not measured).</p>",
+    ])
+
+
+def _sites_section(metrics):
+    """What each site claimed and what weight the coordinator gave it (nobody can verify a
+    site's n_train: the cap `max_site_weight` bounds what a false claim can do)."""
+    sites = (metrics.get("federation") or {}).get("sites") or []
+    if not sites:
+        return ""
+    config = metrics.get("config") or {}
+    head = ("<tr><th class='row-label'>Site</th><th>claimed n_train</th>"
+            "<th>share of the averaging weight (last round)</th><th>rounds left out</th></tr>")
+    body = "".join(
+        f"<tr><td class='row-label'>{_text(site.get('id'))}</td><td>{_count(site.get('n_train'))}</td>"
+        f"<td>{_percent(site.get('weight'))}</td>"
+        f"<td>{_text(', '.join(map(str, site.get('excluded_rounds') or [])) or 'none')}</td></tr>"
+        for site in sites)
+    return "".join([
+        "<h2>Sites as the coordinator saw them</h2>",
+        f"<table id='sites'>{head}{body}</table>",
+        "<p class='caption'>Each site's number of training samples as it claimed it (no other "
+        "site can check it) and the share of the averaging weight its update got "
+        f"(robust_aggregation: {_text(config.get('robust_aggregation', MISSING))}, "
+        f"max_site_weight: {_text(config.get('max_site_weight', MISSING))}). A round listed as "
+        "left out: that site's update was an outlier (outlier_factor: "
+        f"{_text(config.get('outlier_factor', MISSING))}) and was not averaged in.</p>",
     ])
 
 

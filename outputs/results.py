@@ -1,6 +1,7 @@
 """Write a site's outputs: the models, metrics.json/csv, predictions and the report."""
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def write_results(output_dir, config_file, models, metrics, predictions):
     torch.save(models.float_model.state_dict(), output_dir / "model_fp32.pt")
     quant.save_torchscript(models.int8_model, models.example_inputs, output_dir / "model_int8.pt",
                            models.backend)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "metrics.json").write_text(metrics_json(metrics))
     write_rounds_csv(output_dir / "metrics.csv", metrics["rounds"], metrics["federation"]["rounds"])
     write_predictions(output_dir, predictions["true"], predictions["int8"], predictions["fp32"])
     write_report(output_dir, metrics, predictions["true"], predictions["int8"], Path(config_file).read_text())
@@ -44,9 +45,32 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
         "int8": results["int8"],
         "seconds": results["seconds"],
         "bytes_sent": {"total": sum(bytes_sent.values()), "by_memo": bytes_sent},
-        "federation": {**federation["figures"], "rounds": federation["rounds"]},
+        "federation": {**federation["figures"], "rounds": federation["rounds"],
+                       "sites": federation.get("sites", [])},
         "config": config.to_dict(),
     }
+
+
+def metrics_json(metrics):
+    """metrics.json's text: strict JSON (no NaN or Infinity, which many readers refuse). Every
+    figure from another site is range-checked when it arrives, so a non-finite number here is a
+    bug: the error names the field."""
+    try:
+        return json.dumps(metrics, indent=2, allow_nan=False)
+    except ValueError:
+        path, value = next(_non_finite(metrics, "metrics"))
+        raise ValueError(f"metrics.json: '{path}' is {value}, not a finite number") from None
+
+
+def _non_finite(value, path):
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{path}[{index}]")
 
 
 def _round_bytes(bytes_by_memo, round_number):

@@ -88,5 +88,5 @@ def test_observer_ranges_may_be_infinite_but_never_nan():
 def test_results_report_figures_are_checked():
     good = {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1}, "int8": {"accuracy": 0.9, "loss": 0.1}}
     check_report("results", good, "s3")
-    with pytest.raises(SiteMismatchError, match="site s3 sent a figures report whose 'accuracy' is 'high'"):
+    with pytest.raises(SiteMismatchError, match="site s3 sent a 'results' report whose 'int8.accuracy' is 'high'"):
         check_report("results", {**good, "int8": {"accuracy": "high", "loss": 0.1}}, "s3")

@@ -1,0 +1,145 @@
+"""Defences of the coordinator's average against updates that are well-formed but wrong.
+
+Every message passes the format checks (federation/checks.py) first; what is left is a site
+that sends a valid model far from what honest training gives, or claims more samples than it
+has. Three independent defences, each a small piece of plain torch (docs/robustness.md):
+
+- `find_outliers`: each update's L2 distance to the previous global (over the averaged
+  weights), against the median distance of the other sites' updates that round. One more than
+  `outlier_factor` times as far is an outlier: with `robust_aggregation: none` the coordinator
+  stops the run naming the site; with a robust method the update is left out of the round.
+- `capped_weights`: no site gets more than `max_site_weight` of the averaging weight, whatever
+  n_train it claims (n_train cannot be verified).
+- the robust combinations, chosen with `robust_aggregation` (the ideas of Flower's strategies,
+  written for state_dicts):
+    `norm_clip`     each update's change (update - previous global) is scaled down to the round's
+                    median change norm, then weighted-averaged (norm clipping as in DP-FedAvg,
+                    with the median as an adaptive bound);
+    `trimmed_mean`  per coordinate, the largest and the smallest `trim` values are dropped and
+                    the rest averaged, unweighted (Yin et al., 2018; Flower's FedTrimmedAvg);
+    `median`        per coordinate, the median of the updates, unweighted (Yin et al., 2018;
+                    Flower's FedMedian).
+
+Integer buffers (BatchNorm's num_batches_tracked) are counters: every method keeps the largest,
+as the weighted average does.
+"""
+import math
+import statistics
+
+import torch
+
+from federation.aggregate import weighted_average
+
+ROBUST_AGGREGATIONS = ("none", "norm_clip", "trimmed_mean", "median")
+MIN_SITES = 3        # below it no method can tell which site is the wrong one
+TRIM_FRACTION = 0.2  # trimmed_mean drops this share of the sites at each end (at least one)
+
+
+def update_distances(previous, states):
+    """L2 norm of (state - previous) over every floating-point entry that `previous` has with
+    the same shape (entries new this round, e.g. when QAT starts, have nothing to compare to)."""
+    distances = []
+    for state in states:
+        squared = 0.0
+        for name, old in previous.items():
+            new = state.get(name)
+            if old.is_floating_point() and new is not None and new.shape == old.shape:
+                squared += (new.double() - old.double()).square().sum().item()
+        distances.append(math.sqrt(squared))
+    return distances
+
+
+def find_outliers(distances, factor):
+    """[(index, ratio)] of the distances more than `factor` times the median of the others'.
+
+    The reference leaves the site out so that two sites suffice (the median of all would sit
+    between an attacker and the one honest site). A reference of 0 (the others did not move)
+    judges nothing. `factor` None: no check."""
+    if factor is None or len(distances) < 2:
+        return []
+    found = []
+    for index, distance in enumerate(distances):
+        reference = statistics.median(distances[:index] + distances[index + 1:])
+        if reference > 0 and distance > factor * reference:
+            found.append((index, distance / reference))
+    return found
+
+
+def capped_weights(sizes, cap):
+    """The averaging weights for claimed sample counts `sizes`, no share above `cap` (a
+    fraction of the total; below 1/n it cannot hold and the weights become equal).
+
+    Shares over the cap are set to it and the rest is shared out in proportion to the sizes,
+    repeatedly (water-filling), so the honest sites keep their relative weights. When no share
+    is over the cap, `sizes` is returned as it is: the average stays bit for bit what it was."""
+    total = sum(sizes)
+    if cap is None or len(sizes) < 2 or max(sizes) <= cap * total:
+        return list(sizes)
+    cap = max(cap, 1 / len(sizes))
+    capped = set()
+    while True:
+        free = [index for index in range(len(sizes)) if index not in capped]
+        room = 1 - cap * len(capped)
+        free_total = sum(sizes[index] for index in free)
+        shares = {index: room * sizes[index] / free_total for index in free}
+        over = {index for index, share in shares.items() if share > cap * (1 + 1e-12)}
+        if not over:
+            return [cap if index in capped else shares[index] for index in range(len(sizes))]
+        capped |= over
+
+
+def _per_coordinate(states, combine):
+    """Apply `combine(stacked float64 values)` per floating-point entry; counters: the largest."""
+    result = {}
+    for name, reference in states[0].items():
+        stacked = torch.stack([state[name] for state in states])
+        if reference.is_floating_point():
+            result[name] = combine(stacked.double()).to(reference.dtype)
+        else:
+            result[name] = stacked.amax(dim=0)
+    return result
+
+
+def weighted_mean(previous, states, weights):
+    """`robust_aggregation: none`: the weighted average of the updates."""
+    return weighted_average(states, weights)
+
+
+def norm_clip(previous, states, weights):
+    """Every change (state - previous) scaled down to at most the round's median change norm,
+    then weighted-averaged. Entries without a previous value are averaged as they are."""
+    norms = update_distances(previous, states)
+    bound = statistics.median(norms)
+    clipped = []
+    for state, norm in zip(states, norms):
+        scale = 1.0 if norm <= bound else bound / norm
+        if scale == 1.0:
+            clipped.append(state)
+            continue
+        clipped.append({name: _scaled_change(previous.get(name), value, scale) for name, value in state.items()})
+    return weighted_average(clipped, weights)
+
+
+def _scaled_change(old, new, scale):
+    if old is None or not new.is_floating_point() or old.shape != new.shape:
+        return new
+    return (old.double() + scale * (new.double() - old.double())).to(new.dtype)
+
+
+def trimmed_mean(previous, states, weights, fraction=TRIM_FRACTION):
+    """Per coordinate: drop the `trim` largest and smallest values (`fraction` of the updates,
+    at least one while at least three are left to average), average the rest."""
+    trim = min(max(1, int(fraction * len(states))), (len(states) - 1) // 2)
+    return _per_coordinate(states, lambda values: values.sort(dim=0).values[trim:len(states) - trim].mean(dim=0))
+
+
+def median(previous, states, weights):
+    """Per coordinate: the median (for an even count, the mean of the two middle values)."""
+    def middle(values):
+        ordered, n = values.sort(dim=0).values, len(states)
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return _per_coordinate(states, middle)
+
+
+COMBINE = {"none": weighted_mean, "norm_clip": norm_clip, "trimmed_mean": trimmed_mean, "median": median}
+assert tuple(COMBINE) == ROBUST_AGGREGATIONS

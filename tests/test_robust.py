@@ -1,0 +1,240 @@
+"""What peers claim and how the coordinator combines it: range checks on every report, the
+coordinator's `final` checked at participants, strict metrics.json, the outlier check, the
+weight cap and the robust combinations (federation/robust.py)."""
+import math
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from federation import robust
+from federation.checks import SiteMismatchError, UpdateError, check_report
+from federation.coordinator import Coordinator
+from federation.messages import Codec, ModelMessage
+from inputs.config import AppConfig, InputError, parse_config
+from outputs.results import metrics_json
+
+UPDATE = {"n_train": 100, "train_loss": 0.5, "train_accuracy": 0.9}
+FINAL = {"rounds": [{"round": 1, "train_loss": 0.4, "train_accuracy": 0.9, "test_loss": 0.3, "test_accuracy": 0.92}],
+         "figures": {"n_sites": 3, "n_train": 4000, "n_test": 1000, "fp32": {"accuracy": 0.95, "loss": 0.15},
+                     "int8": {"accuracy": 0.95, "loss": 0.16}},
+         "sites": [{"id": "a1", "n_train": 1333, "weight": 0.3333, "excluded_rounds": []}]}
+
+
+# ---- range checks ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, change, text", [
+    ("update", {"n_train": 10 ** 400}, "'n_train' is an integer of 401 digits: expected an integer in 1..10**9"),
+    ("update", {"n_train": 10 ** 18}, "'n_train' is an integer of 19 digits: expected an integer in 1..10**9"),
+    ("update", {"n_train": 2.5}, "'n_train' is 2.5: expected an integer"),
+    ("update", {"train_loss": float("nan")}, "'train_loss' is nan: expected a finite number >= 0"),
+    ("update", {"train_loss": float("inf")}, "'train_loss' is inf: expected a finite number >= 0"),
+    ("update", {"train_loss": -0.1}, "'train_loss' is -0.1: expected a finite number >= 0"),
+    ("update", {"train_accuracy": 1e300}, "'train_accuracy' is 1e+300: expected a number in [0, 1]"),
+    ("update", {"train_accuracy": float("nan")}, "'train_accuracy' is nan: expected a number in [0, 1]"),
+    ("test", {"n_test": 0}, "'n_test' is 0: expected an integer in 1..10**9"),
+    ("global", {"federation_accuracy": 1.5}, "'federation_accuracy' is 1.5: expected a number in [0, 1] or null"),
+    ("summary", {"input_shape": [1, 0, 28]}, "'input_shape' is [1, 0, 28]"),
+    ("results", {"int8": {"accuracy": 0.9, "loss": float("nan")}}, "'int8.loss' is nan"),
+])
+def test_report_fields_are_range_checked_naming_the_site(kind, change, text):
+    good = {"update": UPDATE, "global": {"federation_accuracy": None},
+            "test": {"n_test": 5, "test_loss": 0.2, "test_accuracy": 0.9},
+            "summary": {"n_train": 5, "n_test": 5, "input_shape": [1, 28, 28], "n_classes": 10},
+            "results": {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1},
+                        "int8": {"accuracy": 0.9, "loss": 0.1}}}[kind]
+    check_report(kind, good, "s2")
+    with pytest.raises(SiteMismatchError, match=f"site s2 sent a '{kind}' report") as error:
+        check_report(kind, {**good, **change}, "s2")
+    assert text in str(error.value)
+
+
+def test_a_huge_value_is_shown_short():
+    with pytest.raises(SiteMismatchError) as error:
+        check_report("update", {**UPDATE, "train_loss": "x" * 10_000}, "s2")
+    assert len(str(error.value)) < 200 and "'xxxx" in str(error.value)
+
+
+@pytest.mark.parametrize("change, text", [
+    (lambda final: final["figures"]["int8"].update(accuracy=99.9), "'figures.int8.accuracy' is 99.9"),
+    (lambda final: final.pop("figures"), "'figures' is None: expected a JSON object"),
+    (lambda final: final["rounds"][0].update(test_loss=float("nan")), "'rounds[0].test_loss' is nan"),
+    (lambda final: final["sites"][0].update(n_train=10 ** 18), "'sites[0].n_train' is an integer of 19 digits"),
+])
+def test_the_coordinators_final_message_is_checked_at_participants(change, text):
+    import copy
+    final = copy.deepcopy(FINAL)
+    assert Codec.decode_report("coord", Codec.encode_report(final), "final") == final
+    change(final)
+    with pytest.raises(SiteMismatchError, match="site coord sent a 'final' report") as error:
+        Codec.decode_report("coord", Codec.encode_report(final), "final")
+    assert text in str(error.value)
+
+
+def test_metrics_json_is_strict_and_a_nan_names_its_field():
+    assert metrics_json({"fp32": {"loss": 0.5}}) == '{\n  "fp32": {\n    "loss": 0.5\n  }\n}'
+    with pytest.raises(ValueError, match=r"metrics.json: 'metrics.rounds\[1\].test_loss' is nan, not a finite number"):
+        metrics_json({"rounds": [{"test_loss": 0.1}, {"test_loss": math.nan}]})
+
+
+@pytest.mark.parametrize("key, value, text", [
+    ("robust_aggregation", "krum", "one of none, norm_clip, trimmed_mean, median"),
+    ("outlier_factor", 1, "a number > 1"),
+    ("max_site_weight", 0, "a number in (0, 1]"),
+])
+def test_robustness_settings_are_validated(key, value, text):
+    document = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth", key: value}
+    with pytest.raises(InputError, match=f"key '{key}'") as error:
+        parse_config(document)
+    assert text in str(error.value)
+    assert parse_config({**document, key: None if key != "robust_aggregation" else "median"})
+
+
+# ---- robust combinations on hand-made updates ---------------------------------------------
+
+PREVIOUS = {"w": torch.zeros(4), "count": torch.tensor(3)}
+
+
+def states(*values):
+    return [{"w": torch.full((4,), float(value)), "count": torch.tensor(index)} for index, value in enumerate(values)]
+
+
+HONEST = (1.0, 1.1, 0.9, 1.05, 0.95)
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean"])
+def test_median_and_trimmed_mean_resist_one_outlier(method):
+    poisoned = states(*HONEST[:4], -1000.0)
+    combined = robust.COMBINE[method](PREVIOUS, poisoned, [1] * 5)
+    assert 0.9 <= combined["w"][0].item() <= 1.1
+    assert combined["count"].item() == 4  # a counter: the largest
+    weighted = robust.COMBINE["none"](PREVIOUS, poisoned, [1] * 5)
+    assert weighted["w"][0].item() < -190  # what a plain average does
+
+
+def test_median_and_trimmed_mean_by_hand():
+    values = states(1, 5, 2, 4, 100)
+    assert robust.median(PREVIOUS, values, None)["w"].tolist() == [4.0] * 4
+    assert robust.median(PREVIOUS, values[:4], None)["w"].tolist() == [3.0] * 4  # mean of the middle two
+    assert robust.trimmed_mean(PREVIOUS, values, None)["w"].tolist() == [pytest.approx(11 / 3)] * 4
+
+
+def test_norm_clip_bounds_each_change_by_the_median_norm():
+    values = states(1, 1, 1, 1, 30)  # changes of norm 2 and one of norm 60
+    combined = robust.norm_clip(PREVIOUS, values, [1] * 5)
+    # The outlier's change is scaled down to norm 2 (the median): every entry 1.
+    assert combined["w"].tolist() == [pytest.approx(1.0)] * 4
+    sign_flipped = states(1, 1, 1, 1, -5)
+    assert robust.norm_clip(PREVIOUS, sign_flipped, [1] * 5)["w"][0].item() == pytest.approx(0.6)
+
+
+def test_outliers_are_measured_against_the_other_sites_median():
+    distances = robust.update_distances(PREVIOUS, states(*HONEST, 30))
+    assert distances[0] == pytest.approx(2.0)  # sqrt(4 * 1**2)
+    assert [(index, round(ratio)) for index, ratio in robust.find_outliers(distances, 4)] == [(5, 30)]
+    assert robust.find_outliers(distances, None) == []
+    assert robust.find_outliers(robust.update_distances(PREVIOUS, states(1, 30)), 4)[0][0] == 1  # two sites suffice
+
+
+def test_weight_cap():
+    assert robust.capped_weights([100, 100, 10 ** 9], 0.5) == [0.25, 0.25, 0.5]
+    shares = robust.capped_weights([100, 300, 10 ** 9, 10 ** 9], 0.3)
+    assert shares == [pytest.approx(0.1), pytest.approx(0.3), 0.3, 0.3]
+    assert robust.capped_weights([1, 10 ** 9], 0.2) == [0.5, 0.5]  # below 1/n: equal weights
+    assert robust.capped_weights([100, 200, 300], 0.5) == [100, 200, 300]  # not binding: untouched
+    assert robust.capped_weights([100, 10 ** 9], None) == [100, 10 ** 9]
+
+
+# ---- the coordinator ----------------------------------------------------------------------
+
+def coordinator(**settings):
+    config = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth", **settings)
+    model = torch.nn.Linear(4, 2)
+    codec = Codec()
+    own = ModelMessage({name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
+    codec.expect(own)
+    codec.last_global = own.joined()
+    site = SimpleNamespace(config=config, codec=codec, parameter_names=lambda: ["weight", "bias"])
+    return Coordinator(site), own.weights
+
+
+def updates(start, scales, n_train=(100, 100, 100, 100, 100)):
+    """One update per site: start + scale * a shared direction (+ a small per-site wiggle)."""
+    generator = torch.Generator().manual_seed(0)
+    direction = {name: torch.randn(tensor.shape, generator=generator) for name, tensor in start.items()}
+    pieces = []
+    for index, (scale, size) in enumerate(zip(scales, n_train), start=1):
+        weights = {name: start[name] + scale * direction[name] * (1 + 0.05 * index) for name in start}
+        meta = {"n_train": size, "train_loss": 0.5, "train_accuracy": 0.8}
+        pieces.append((f"s{index}", Codec().encode_model(ModelMessage(weights, meta=meta))))
+    return pieces
+
+
+def test_an_outlier_stops_the_run_naming_the_site():
+    aggregator, start = coordinator()
+    with pytest.raises(UpdateError, match="update from site s3 is an outlier: 30.0 times as far") as error:
+        aggregator.aggregate(updates(start, (1, 1, 30, 1, 1)))
+    assert "outlier_factor 4" in str(error.value)
+    aggregator, start = coordinator()  # a sign flip: the update x -5 relative to the global
+    with pytest.raises(UpdateError, match="update from site s2 is an outlier: 4.7 times"):
+        aggregator.aggregate(updates(start, (1, -5, 1, 1, 1)))
+
+
+def test_with_a_robust_method_an_outlier_is_left_out_and_shown():
+    aggregator, start = coordinator(robust_aggregation="median")
+    pieces = updates(start, (1, 1, 30, 1, 1))
+    global_1 = aggregator.codec.decode_model("me", aggregator.aggregate(pieces))
+    rows = {row["id"]: row for row in aggregator.sites.values()}
+    assert rows["s3"]["excluded_rounds"] == [1] and rows["s3"]["weight"] == 0.0
+    assert rows["s1"]["weight"] == 0.25 and rows["s1"]["n_train"] == 100
+    # The median of the four others (direction x 1.05, 1.10, 1.20, 1.25): 1.15 x the direction.
+    s1 = aggregator.codec.decode_model("s1", pieces[0][1]).weights
+    direction = robust.update_distances(start, [s1])[0] / 1.05
+    assert robust.update_distances(start, [global_1.weights])[0] == pytest.approx(1.15 * direction, rel=1e-5)
+
+
+def test_no_site_gets_more_than_max_site_weight():
+    aggregator, start = coordinator()
+    aggregator.aggregate(updates(start, (1, 1, 1, 1, 1), n_train=(100, 100, 100, 100, 10 ** 9)))
+    assert [row["weight"] for row in aggregator.sites.values()] == [0.125, 0.125, 0.125, 0.125, 0.5]
+    uncapped, _ = coordinator(max_site_weight=None)
+    uncapped.aggregate(updates(start, (1, 1, 1, 1, 1), n_train=(100, 100, 100, 100, 10 ** 9)))
+    assert list(uncapped.sites.values())[-1]["weight"] > 0.99999
+
+
+def test_a_message_delivered_twice_is_refused():
+    aggregator, start = coordinator()
+    pieces = updates(start, (1, 1, 1))
+    with pytest.raises(UpdateError, match="site s2 sent more than one 'update' message"):
+        aggregator.aggregate(pieces + [pieces[1]])
+
+
+def test_robust_methods_need_three_sites():
+    aggregator, _ = coordinator(robust_aggregation="trimmed_mean")
+    summary = Codec.encode_report({"n_train": 5, "n_test": 5, "input_shape": [4], "n_classes": 2})
+    with pytest.raises(SiteMismatchError, match="robust_aggregation: trimmed_mean needs at least 3 sites, "
+                                                "this federation has 2"):
+        aggregator.check_summaries([("s1", summary), ("s2", summary)])
+
+
+# ---- an honest federation: the defaults change nothing ------------------------------------
+
+def test_honest_federation_is_unchanged_by_the_defaults():
+    from bench.simulate import SAMPLE, load_sites, pooled_sample, run_rounds, sample_config
+    from testbed.split import split_dataset, write_client_dirs
+
+    inputs, labels = pooled_sample()
+    splits = split_dataset(inputs[:600], labels[:600], 3, seed=0)
+    config = {**sample_config(), "max_iter": 2, "epochs": 1}
+    with tempfile.TemporaryDirectory() as work:
+        write_client_dirs(splits, Path(work), SAMPLE / "generic" / config["model"], config)
+        clients = sorted(Path(work).glob("client_*"))
+        runs = {}
+        for name, overrides in (("defaults", {}), ("off", {"outlier_factor": None, "max_site_weight": None})):
+            sites = load_sites(clients, Path(work) / "generic", overrides)
+            runs[name] = (run_rounds(sites)["rounds"], sites[0].local.model.state_dict())
+    assert runs["defaults"][0] == runs["off"][0]
+    for name, tensor in runs["defaults"][1].items():
+        assert torch.equal(tensor, runs["off"][1][name]), name
