@@ -238,3 +238,13 @@ def test_honest_federation_is_unchanged_by_the_defaults():
     assert runs["defaults"][0] == runs["off"][0]
     for name, tensor in runs["defaults"][1].items():
         assert torch.equal(tensor, runs["off"][1][name]), name
+
+
+def test_report_shows_each_sites_claimed_n_train_and_weight():
+    from outputs.report import _sites_section
+    metrics = {"config": {"robust_aggregation": "median", "max_site_weight": 0.5, "outlier_factor": 4},
+               "federation": {"sites": [{"id": "a1", "n_train": 1333, "weight": 0.25, "excluded_rounds": []},
+                                        {"id": "b2", "n_train": 10 ** 9, "weight": 0.0, "excluded_rounds": [1, 2]}]}}
+    section = _sites_section(metrics)
+    assert "<td class='row-label'>b2</td><td>1000000000</td><td>0.00 %</td><td>1, 2</td>" in section
+    assert "<td>25.00 %</td><td>none</td>" in section and "robust_aggregation: median" in section
