@@ -93,7 +93,7 @@ def quantize_sites(sites):
     for site in sites:
         site.convert("coordinator", qparams)
     final = coordinator.final(_pieces(site.results_message() for site in sites))
-    return sites[0].codec.decode_report("coordinator", final)["figures"]
+    return sites[0].codec.decode_report("coordinator", final, "final")["figures"]
 
 
 def simulate(client_dirs, generic_dir, overrides=None, quantize=False):

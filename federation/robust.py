@@ -9,7 +9,7 @@ has. Three independent defences, each a small piece of plain torch (docs/robustn
   `outlier_factor` times as far is an outlier: with `robust_aggregation: none` the coordinator
   stops the run naming the site; with a robust method the update is left out of the round.
 - `capped_weights`: no site gets more than `max_site_weight` of the averaging weight, whatever
-  n_train it claims (n_train cannot be verified).
+  n_train it claims (n_train cannot be verified); from 3 sites on.
 - the robust combinations, chosen with `robust_aggregation` (the ideas of Flower's strategies,
   written for state_dicts):
     `norm_clip`     each update's change (update - previous global) is scaled down to the round's
@@ -67,13 +67,14 @@ def find_outliers(distances, factor):
 
 def capped_weights(sizes, cap):
     """The averaging weights for claimed sample counts `sizes`, no share above `cap` (a
-    fraction of the total; below 1/n it cannot hold and the weights become equal).
+    fraction of the total; below 1/n it cannot hold and the weights become equal). Only from
+    MIN_SITES sites: with two, any cap at or below 0.5 would just make unequal sites equal.
 
     Shares over the cap are set to it and the rest is shared out in proportion to the sizes,
     repeatedly (water-filling), so the honest sites keep their relative weights. When no share
     is over the cap, `sizes` is returned as it is: the average stays bit for bit what it was."""
     total = sum(sizes)
-    if cap is None or len(sizes) < 2 or max(sizes) <= cap * total:
+    if cap is None or len(sizes) < MIN_SITES or max(sizes) <= cap * total:
         return list(sizes)
     cap = max(cap, 1 / len(sizes))
     capped = set()

@@ -64,7 +64,7 @@ class AppConfig:
     # outlier check (an update more than outlier_factor times as far from the previous global
     # as the other sites' median stops the run naming the site, or with a robust method is left
     # out of the round; null: no check), and the largest share of the averaging weight any one
-    # site gets, whatever n_train it claims (null: no cap).
+    # site gets, whatever n_train it claims (from 3 sites on; null: no cap).
     robust_aggregation: str = "none"
     outlier_factor: float | None = 4.0
     max_site_weight: float | None = 0.5

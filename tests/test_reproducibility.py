@@ -12,7 +12,8 @@ def comparable(metrics):
     kept = {key: metrics[key] for key in TIMING_FREE}
     for precision in ("fp32", "int8"):
         kept[precision] = {k: v for k, v in metrics[precision].items() if k != "latency_ms"}
-    kept["federation"] = metrics["federation"]
+    kept["federation"] = {**metrics["federation"],  # without the sites' ids
+                          "sites": [{k: v for k, v in site.items() if k != "id"} for site in metrics["federation"]["sites"]]}
     return kept
 
 

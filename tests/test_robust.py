@@ -142,7 +142,8 @@ def test_weight_cap():
     assert robust.capped_weights([100, 100, 10 ** 9], 0.5) == [0.25, 0.25, 0.5]
     shares = robust.capped_weights([100, 300, 10 ** 9, 10 ** 9], 0.3)
     assert shares == [pytest.approx(0.1), pytest.approx(0.3), 0.3, 0.3]
-    assert robust.capped_weights([1, 10 ** 9], 0.2) == [0.5, 0.5]  # below 1/n: equal weights
+    assert robust.capped_weights([1, 1, 10 ** 9], 0.2) == [pytest.approx(1 / 3)] * 3  # below 1/n: equal
+    assert robust.capped_weights([1333, 1334], 0.5) == [1333, 1334]  # two sites: no cap
     assert robust.capped_weights([100, 200, 300], 0.5) == [100, 200, 300]  # not binding: untouched
     assert robust.capped_weights([100, 10 ** 9], None) == [100, 10 ** 9]
 
