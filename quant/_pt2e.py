@@ -10,6 +10,7 @@ The imports are lazy: importing torchao and executorch takes seconds (executorch
 """
 
 import contextlib
+import copy
 import functools
 import importlib
 import logging
@@ -107,6 +108,14 @@ def executorch_runtime():
 
 
 @functools.cache
+def quantized_decomposed_ops():
+    """Register torch.ops.quantized_decomposed.* (quantize / dequantize on torch.int8), which
+    a .pt2 file of a pt2e int8 model calls: torch.export.load fails without them. torchao
+    registers them on import; this module is where they are defined."""
+    return _import("torch.ao.quantization.fx._decomposed")
+
+
+@functools.cache
 def onnx():
     return _import("onnx")
 
@@ -140,14 +149,15 @@ def quietly(function):
     return wrapper
 
 
-# --- conv+bn QAT patterns ------------------------------------------------------------------
-# prepare_qat_pt2e and convert_pt2e find conv+bn by matching pattern graphs that torchao
-# builds by torch.export-ing small functions: 12 of them per kind of convolution (conv1d,
-# conv2d, conv_transpose1d, conv_transpose2d) to prepare and 96 to convert, about a second
-# each on a busy 2-core machine, on every call, whatever the model holds. Here: kinds of
-# convolution the graph does not contain are skipped (their patterns cannot match), and
-# each pattern graph is built once per process (it depends only on the pattern function,
-# its flags and the example shapes, not on the model).
+# --- conv+bn patterns ---------------------------------------------------------------------
+# XNNPACKQuantizer.annotate, prepare_qat_pt2e and convert_pt2e find conv+bn by matching
+# pattern graphs that they build by torch.export-ing small functions: 12 to annotate, 3 per
+# kind of convolution (conv1d, conv2d, conv_transpose1d, conv_transpose2d) to prepare QAT and
+# 24 per kind to convert QAT, about a second each on a busy 2-core machine, on every call,
+# whatever the model holds. Here: kinds of convolution the graph does not contain are
+# skipped (their patterns cannot match), conv+bn annotation is skipped for a graph without
+# batch_norm, and each pattern graph is built once per process (it depends only on the
+# pattern function, its flags and the example shapes, not on the model).
 
 _PATTERN_CACHE = {}
 
@@ -175,8 +185,6 @@ def _memoized_patterns(build):
             return build(pattern, example_inputs, is_cuda, **kwargs)
         if key not in _PATTERN_CACHE:
             _PATTERN_CACHE[key] = build(pattern, example_inputs, is_cuda, **kwargs)
-        import copy
-
         return copy.deepcopy(_PATTERN_CACHE[key])
 
     return get
@@ -192,17 +200,29 @@ def _only_if_present(helper):
     return run
 
 
+def _only_with_batchnorm(annotate):
+    def run(gm, *args, **kwargs):
+        if not any(node.op == "call_function" and "batch_norm" in str(node.target) for node in gm.graph.nodes):
+            return []
+        return annotate(gm, *args, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def fast_conv_bn_patterns():
     qat_utils = _import("torchao.quantization.pt2e.qat_utils")
-    wrappers = {"_get_aten_graph_module_for_pattern": _memoized_patterns,
-                "_fuse_conv_bn_qat_helper": _only_if_present,
-                "_fold_conv_bn_qat_helper": _only_if_present}
-    saved = {name: getattr(qat_utils, name) for name in wrappers}
-    for name, wrap in wrappers.items():
-        setattr(qat_utils, name, wrap(saved[name]))
+    annotator = _import("executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils")
+    wrappers = [(qat_utils, "_get_aten_graph_module_for_pattern", _memoized_patterns),
+                (qat_utils, "_fuse_conv_bn_qat_helper", _only_if_present),
+                (qat_utils, "_fold_conv_bn_qat_helper", _only_if_present),
+                (annotator, "_get_aten_graph_module_for_pattern", _memoized_patterns),
+                (annotator, "_do_annotate_conv_bn", _only_with_batchnorm)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in wrappers]
+    for module, name, wrap in wrappers:
+        setattr(module, name, wrap(getattr(module, name)))
     try:
         yield
     finally:
-        for name, original in saved.items():
-            setattr(qat_utils, name, original)
+        for module, name, original in saved:
+            setattr(module, name, original)

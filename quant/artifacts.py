@@ -247,6 +247,7 @@ def load_artifact(path, threads=1, backend=None):
     if suffix == ".onnx":
         return _OnnxRunner(path, threads)
     if suffix == ".pt2":
+        _pt2e.quantized_decomposed_ops()
         with _pt2e.quiet():
             return _TorchRunner(torch.export.load(str(path)).module(), threads)
     if suffix == ".pt":
