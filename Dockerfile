@@ -9,8 +9,12 @@ RUN apt-get update \
 # The CPU wheels: the default index would bring the much larger CUDA build.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
         torch==2.14.1 torchvision==0.29.1
+# requirements.txt pins torch==2.14.1 too, so executorch / torchao (which depend on torch) find
+# the CPU build installed above and pip does not replace it by the CUDA one; the check fails
+# the build if it ever does.
 COPY requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir -r /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt \
+ && python -c "import torch, sys; sys.exit(torch.version.cuda is not None)"
 
 COPY server_config/ /etc/fc-app/
 COPY . /app

@@ -1,4 +1,9 @@
-"""Int8 quantization of a user's PyTorch CNN (plain PyTorch; torch.ao lives only here).
+"""Int8 quantization of a user's PyTorch CNN (torch.ao and torchao live only here).
+
+Backends x86 / fbgemm / qnnpack: torch.ao FX graph mode (eager as fallback), TorchScript file.
+Backend xnnpack: torchao PT2E with ExecuTorch's XNNPACK quantizer; write_artifacts gives
+model_int8.pte (ExecuTorch), model_int8.onnx (ONNX Runtime) and model_int8.pt2 (torch.export),
+measure_artifact runs each in its own runtime.
 
 Post-training static quantization: prepare_ptq -> calibrate -> convert.
 Quantization-aware training:       prepare_qat -> train (forward_quant) -> freeze_qat -> convert;
@@ -8,8 +13,9 @@ float_state / load_float_state carry what federated averaging averages.
 Int8Recipe: these steps for one model across a federated run (post_static or qat).
 """
 
+from .artifacts import load_artifact, measure_artifact, sha256_of, write_artifacts
 from .convert import convert
-from .engine import BACKENDS, QUANT_TYPES, mode_of, set_engine
+from .engine import BACKENDS, FX_BACKENDS, PT2E_BACKENDS, QUANT_TYPES, mode_of, set_engine
 from .errors import QuantizationError
 from .float_model import to_float_model
 from .prepare import prepare_ptq, prepare_qat
@@ -20,7 +26,9 @@ from .stats import float_state, load_float_state, load_observer_stats, merge_obs
 
 __all__ = [
     "BACKENDS",
+    "FX_BACKENDS",
     "Int8Recipe",
+    "PT2E_BACKENDS",
     "QUANT_TYPES",
     "QuantizationError",
     "calibrate",
@@ -29,6 +37,8 @@ __all__ = [
     "forward_quant",
     "freeze_qat",
     "latency_ms",
+    "measure_artifact",
+    "load_artifact",
     "load_float_state",
     "load_observer_stats",
     "merge_calibration",
@@ -39,6 +49,8 @@ __all__ = [
     "prepare_qat",
     "save_torchscript",
     "set_engine",
+    "sha256_of",
     "state_dict_size_bytes",
     "to_float_model",
+    "write_artifacts",
 ]

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from . import _ao
+from . import _ao, _pt2e, pt2e
 from .engine import attach_info, info_of, set_engine
 from .errors import QuantizationError
 from .run import run_or_explain
@@ -34,6 +34,8 @@ def _float_layers(model: nn.Module):
 def convert(prepared: nn.Module) -> nn.Module:
     """The int8 model (eval mode, CPU), test-run once on the example input."""
     info = info_of(prepared)
+    if info.mode == "pt2e":
+        return _convert_pt2e(prepared, info)
     set_engine(info.backend)  # weights are packed for the engine selected now
     model = copy.deepcopy(prepared).cpu().eval()
     reference_model = copy.deepcopy(model)  # convert_fx rewrites the graph it is given
@@ -49,6 +51,14 @@ def convert(prepared: nn.Module) -> nn.Module:
             f"layers left in float: {', '.join(_float_layers(int8_model)) or 'none'}"
         )
     int8_output = run_or_explain(int8_model, info.example_inputs, f"convert ({info.mode} mode, int8 run)")
+    _check_close_to_prepared(reference_model, int8_output, info)
+    return int8_model
+
+
+def _convert_pt2e(prepared: nn.Module, info) -> nn.Module:
+    """PT2E: the reference int8 graph (torch.int8 weights, quantize/dequantize ops)."""
+    reference_model, int8_model = pt2e.convert(prepared)
+    int8_output = run_or_explain(int8_model, info.example_inputs, "convert (pt2e mode, int8 run)")
     _check_close_to_prepared(reference_model, int8_output, info)
     return int8_model
 
@@ -83,7 +93,7 @@ def _check_close_to_prepared(prepared_copy: nn.Module, int8_output, info) -> Non
     saturate their ranges has an int8 model above its fake-quantized outputs. A broken
     kernel is far from both.
     """
-    with torch.no_grad(), _ao.quiet():
+    with torch.no_grad(), _ao.quiet(), _pt2e.quiet():
         deviation = _max_relative_deviation(prepared_copy(*info.example_inputs), int8_output)
         prepared_copy.apply(_with_int8_headroom)  # no effect on post-training observers
         deviation = min(deviation, _max_relative_deviation(prepared_copy(*info.example_inputs), int8_output))

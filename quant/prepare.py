@@ -1,8 +1,9 @@
 """Inserting observers (post-training) or fake quantization (QAT) into a copy of a model.
 
-FX graph mode first: it fuses conv/bn/relu and linear/relu by itself, quantizes
-functional ops and residual adds, and leaves ops without int8 kernels in float.
-Eager mode only when torch.fx cannot trace the model.
+x86 / fbgemm / qnnpack: FX graph mode first: it fuses conv/bn/relu and linear/relu by
+itself, quantizes functional ops and residual adds, and leaves ops without int8 kernels in
+float. Eager mode only when torch.fx cannot trace the model.
+xnnpack: torch.export + torchao's PT2E with ExecuTorch's XNNPACKQuantizer (pt2e.py).
 """
 
 import copy
@@ -10,9 +11,9 @@ import copy
 import torch
 from torch import nn
 
-from . import _ao
+from . import _ao, pt2e
 from .eager import prepare_eager
-from .engine import QuantInfo, attach_info, set_engine
+from .engine import PT2E_BACKENDS, QuantInfo, attach_info, set_engine
 from .run import observe_only_in_training
 from .errors import QuantizationError
 from .float_model import float_names_by_storage, prepared_to_float_names
@@ -48,6 +49,12 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
     model = copy.deepcopy(model)
     model.train(qat)
     names_by_storage = float_names_by_storage(model)  # preparation keeps these tensor objects
+    if backend in PT2E_BACKENDS:
+        prepared = pt2e.prepare(model, cpu_examples, backend, qat,
+                                lambda prepared: prepared_to_float_names(prepared, names_by_storage))
+        if qat:
+            observe_only_in_training(prepared)
+        return prepared
     trace_failure = _fx_trace_failure(model)
     if trace_failure is None:
         mode = "fx"
@@ -69,7 +76,7 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
         observe_only_in_training(prepared)
     float_names = prepared_to_float_names(prepared, names_by_storage)
     attach_info(prepared, QuantInfo(mode=mode, backend=backend, example_inputs=cpu_examples,
-                                    float_names=float_names))
+                                    float_names=float_names, qat=qat))
     return prepared
 
 

@@ -9,7 +9,7 @@ import traceback
 import torch
 from torch import nn
 
-from . import _ao
+from . import _ao, _pt2e, pt2e
 from .errors import QuantizationError
 
 _ATEN_OP = re.compile(r"'(aten::[\w.]+|quantized::[\w.]+)'")
@@ -43,7 +43,7 @@ def forward_quant(model: nn.Module, data) -> torch.Tensor:
     model's device and floating dtype (int8 models run on the CPU in float32).
     """
     device, dtype = _model_device_and_dtype(model)
-    with _ao.quiet():
+    with _ao.quiet(), _pt2e.quiet():
         if isinstance(data, (tuple, list)):
             return model(*(_to_model(item, device, dtype) for item in data))
         return model(_to_model(data, device, dtype))
@@ -72,7 +72,13 @@ def calibrate(prepared: nn.Module, batches, num_batches: int) -> None:
 
 
 def freeze_qat(prepared: nn.Module, observers: bool = True, batchnorm: bool = True) -> None:
-    """PyTorch's late-QAT recipe: fix the quantization ranges and/or BatchNorm statistics."""
+    """PyTorch's late-QAT recipe: fix the quantization ranges and/or BatchNorm statistics.
+
+    pt2e (xnnpack): observers as in FX; BatchNorm switches to its inference form (running
+    statistics, not updated) also in training mode, see quant/pt2e.py."""
+    if isinstance(prepared, pt2e.Pt2eGraphModule):
+        pt2e.freeze(prepared, observers=observers, batchnorm=batchnorm)
+        return
     if observers:
         prepared.apply(_ao.disable_observer)
     if batchnorm:
@@ -94,8 +100,9 @@ def observe_only_in_training(prepared_qat: nn.Module) -> None:
     """Evaluating a QAT model (eval mode) must not move its quantization ranges: ranges fitted
     to test data would leak it into the int8 model, and each site's test set would pull its
     ranges apart from the federation's. Training mode observes as the schedule says."""
+    fake_quant_classes = (_ao.FakeQuantizeBase, *_pt2e.fake_quant_classes())
     for module in prepared_qat.modules():
-        if isinstance(module, _ao.FakeQuantizeBase):
+        if isinstance(module, fake_quant_classes):
             module.register_forward_pre_hook(_pause_observer_in_eval)
             module.register_forward_hook(_resume_observer, always_call=True)
 

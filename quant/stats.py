@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _ao
+from . import _ao, _pt2e
 from .errors import QuantizationError
 
 _STAT_NAMES = ("min_val", "max_val", "histogram")
@@ -21,8 +21,17 @@ _STAT_NAMES = ("min_val", "max_val", "histogram")
 # --- observer statistics ---------------------------------------------------------
 
 
+def _observer_classes() -> tuple:
+    return (_ao.ObserverBase, *_pt2e.observer_classes())  # torch.ao's (FX, eager), torchao's (pt2e)
+
+
+def _fake_quant_classes() -> tuple:
+    return (_ao.FakeQuantizeBase, *_pt2e.fake_quant_classes())
+
+
 def _observers(model: nn.Module):
-    return {path: m for path, m in model.named_modules() if isinstance(m, _ao.ObserverBase)}
+    observer_classes = _observer_classes()
+    return {path: m for path, m in model.named_modules() if isinstance(m, observer_classes)}
 
 
 def observer_stats(prepared: nn.Module) -> dict:
@@ -138,9 +147,11 @@ def load_observer_stats(prepared: nn.Module, stats: dict) -> None:
     for key, value in stats.items():
         path, _, name = key.rpartition(".")
         _assign_buffer(observers[path], name, value)
+    fake_quant_classes = _fake_quant_classes()
     for module in prepared.modules():
-        if isinstance(module, _ao.FakeQuantizeBase) and hasattr(module, "activation_post_process"):
-            scale, zero_point = module.calculate_qparams()
+        if isinstance(module, fake_quant_classes) and hasattr(module, "activation_post_process"):
+            with _pt2e.quiet():
+                scale, zero_point = module.calculate_qparams()
             _assign_buffer(module, "scale", scale)
             _assign_buffer(module, "zero_point", zero_point)
 
@@ -149,11 +160,12 @@ def load_observer_stats(prepared: nn.Module, stats: dict) -> None:
 
 
 def _quantization_internal_prefixes(model: nn.Module):
+    internal_classes = _observer_classes() + _fake_quant_classes()
     return tuple(
         f"{path}."
         # shared observers (FX reuses one for ops that keep qparams) appear under every name
         for path, module in model.named_modules(remove_duplicate=False)
-        if path and isinstance(module, (_ao.ObserverBase, _ao.FakeQuantizeBase))
+        if path and isinstance(module, internal_classes)
     )
 
 

@@ -49,7 +49,7 @@ def test_no_deprecation_warning_escapes():
 
 
 def test_set_engine_validates_the_backend():
-    for backend in quant.BACKENDS:
+    for backend in quant.FX_BACKENDS:
         quant.set_engine(backend)
         assert torch.backends.quantized.engine == backend
     with pytest.raises(quant.QuantizationError, match="'arm'.*fbgemm"):
@@ -133,7 +133,7 @@ def _activation_qparams(int8_model):
             and ".packed." not in k}
 
 
-@pytest.mark.parametrize("backend", quant.BACKENDS)
+@pytest.mark.parametrize("backend", quant.FX_BACKENDS)
 def test_federated_minmax_calibration_equals_calibrating_on_the_union(backend):
     torch.manual_seed(0)
     prepared = _with_minmax_observers(quant.prepare_ptq(BnResidualNet().eval(), (torch.rand(2, 1, 28, 28),), backend))
@@ -144,7 +144,7 @@ def test_federated_minmax_calibration_equals_calibrating_on_the_union(backend):
     assert_identical(int8_tensors(quant.convert(_loaded(prepared, merged))), int8_tensors(quant.convert(central)))
 
 
-@pytest.mark.parametrize("backend", quant.BACKENDS)
+@pytest.mark.parametrize("backend", quant.FX_BACKENDS)
 def test_federated_histogram_calibration_is_close_to_calibrating_on_the_union(backend):
     torch.manual_seed(0)
     prepared = quant.prepare_ptq(BnResidualNet().eval(), (torch.rand(2, 1, 28, 28),), backend)

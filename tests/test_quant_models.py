@@ -214,7 +214,7 @@ def _quantize(model, batches, backend, quant_type):
 
 
 @pytest.mark.parametrize("quant_type", quant.QUANT_TYPES)
-@pytest.mark.parametrize("backend", quant.BACKENDS)
+@pytest.mark.parametrize("backend", quant.FX_BACKENDS)
 @pytest.mark.parametrize("model_class,shape", TRACEABLE, ids=[m.__name__ for m, _ in TRACEABLE])
 def test_traceable_models_quantize_in_fx_mode(model_class, shape, backend, quant_type):
     torch.manual_seed(0)
@@ -231,7 +231,7 @@ def test_traceable_models_quantize_in_fx_mode(model_class, shape, backend, quant
 
 
 @pytest.mark.parametrize("quant_type", quant.QUANT_TYPES)
-@pytest.mark.parametrize("backend", quant.BACKENDS)
+@pytest.mark.parametrize("backend", quant.FX_BACKENDS)
 def test_untraceable_model_falls_back_to_eager_mode_with_fusion(backend, quant_type):
     torch.manual_seed(0)
     model = BranchingNet().eval()
@@ -334,7 +334,7 @@ def accuracy(model, images, labels):
         return float((quant.forward_quant(model, images).argmax(1) == labels).float().mean())
 
 
-@pytest.mark.parametrize("backend", quant.BACKENDS)
+@pytest.mark.parametrize("backend", quant.FX_BACKENDS)
 def test_int8_lenet_keeps_fp32_accuracy(trained_lenet, backend):
     model, (train_x, train_y), (test_x, test_y) = trained_lenet
     fp32 = accuracy(model, test_x, test_y)
@@ -369,7 +369,7 @@ def test_convert_refuses_an_int8_model_far_from_the_float_model():
         quant.convert(prepared)
 
 
-@pytest.mark.parametrize("backend", quant.BACKENDS)
+@pytest.mark.parametrize("backend", quant.FX_BACKENDS)
 def test_relu6_after_conv_is_never_silently_wrong(backend):
     """qnnpack's int8 hardtanh scrambles channels-last input (torch 2.14): refuse, don't ship."""
     torch.manual_seed(0)
