@@ -141,6 +141,8 @@ class WriteResults(FederatedState):
         self.register_transition("terminal", Role.BOTH, label="outputs written")
 
     def run(self):
+        self.show("writing the int8 files", 0.91)
+        self.site.export_int8(OUTPUT_DIR)
         self.show("measuring fp32 vs int8", 0.93)
         self.send_to_coordinator("results", self.site.results_message())
         if self.is_coordinator:
@@ -148,7 +150,7 @@ class WriteResults(FederatedState):
         site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"), "final")
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation)
-        write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe, metrics, site.predictions)
+        write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},
             "federation": metrics["federation"]})

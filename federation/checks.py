@@ -125,6 +125,14 @@ class ListOf:
 
 
 FIGURES = {"accuracy": fraction(), "loss": non_negative()}
+# The int8 model's files, each measured in its own runtime (quant.measure_artifact); the SHA-256
+# lets the coordinator see that every site holds the same bytes.
+ARTIFACT_NAMES = ("model_int8.pt", "model_int8.pte", "model_int8.onnx", "model_int8.pt2")
+ARTIFACT = Record({"file": Field(f"one of {', '.join(ARTIFACT_NAMES)}", lambda v: v in ARTIFACT_NAMES),
+                   "accuracy": fraction(), "size_bytes": count(10 ** 12),
+                   "sha256": Field("64 hexadecimal digits", lambda v: isinstance(v, str) and len(v) == 64
+                                   and all(c in "0123456789abcdef" for c in v))})
+ARTIFACTS = ListOf(ARTIFACT, len(ARTIFACT_NAMES))
 ROUND_ROW = Record({"round": count(MAX_ROUNDS), "train_loss": non_negative(), "train_accuracy": fraction(),
                     "test_loss": non_negative(), "test_accuracy": fraction()})
 # Each site as the coordinator saw it: what it claimed, the share of the averaging weight it got,
@@ -137,10 +145,12 @@ REPORT_FIELDS = {
     "update": {"n_train": count(), "train_loss": non_negative(), "train_accuracy": fraction()},
     "global": {"federation_accuracy": fraction(optional=True)},
     "test": {"n_test": count(), "test_loss": non_negative(), "test_accuracy": fraction()},
-    "results": {"n_train": count(), "n_test": count(), "fp32": Record(FIGURES), "int8": Record(FIGURES)},
+    "results": {"n_train": count(), "n_test": count(), "fp32": Record(FIGURES), "int8": Record(FIGURES),
+                "artifacts": ARTIFACTS},
     "final": {"rounds": ListOf(ROUND_ROW, MAX_ROUNDS),
               "figures": Record({"n_sites": count(MAX_SITES), "n_train": count(MAX_TOTAL),
-                                 "n_test": count(MAX_TOTAL), "fp32": Record(FIGURES), "int8": Record(FIGURES)}),
+                                 "n_test": count(MAX_TOTAL), "fp32": Record(FIGURES), "int8": Record(FIGURES),
+                                 "artifacts": ARTIFACTS}),
               "sites": ListOf(SITE_ROW, MAX_SITES)},
 }
 

@@ -117,6 +117,8 @@ class Coordinator:
         claimed (n_train) and got (its share of the averaging weight, rounds it was left out of)."""
         _check_senders(pieces, "results")
         reports = [self.codec.decode_report(sender, data, "results") for sender, data in pieces]
+        for sender, report in zip((sender for sender, _ in pieces), reports):
+            _check_same_files(self.site.artifacts, report["artifacts"], sender)
         return self.codec.encode_report({"rounds": self.rounds, "figures": federation_results(reports),
                                          "sites": list(self.sites.values())})
 
@@ -128,3 +130,17 @@ def _check_senders(pieces, kind):
         if sender in seen:
             raise UpdateError(f"site {sender} sent more than one '{kind}' message this round")
         seen.add(sender)
+
+
+def _check_same_files(own, theirs, sender):
+    """Every site must end with the very same int8 files: their SHA-256 says so in one line."""
+    mine = {row["file"]: row["sha256"] for row in own}
+    other = {row["file"]: row["sha256"] for row in theirs}
+    if set(mine) != set(other):
+        raise SiteMismatchError(f"site {sender} wrote the int8 files {sorted(other)}, the coordinator "
+                                f"{sorted(mine)}")
+    for name, digest in mine.items():
+        if other[name] != digest:
+            raise SiteMismatchError(
+                f"site {sender}'s {name} differs from the coordinator's (SHA-256 {other[name][:12]}... "
+                f"vs {digest[:12]}...): the sites do not hold the same int8 model")

@@ -28,6 +28,7 @@ class Site:
     server_control: dict = field(default_factory=dict)  # SCAFFOLD's c, from the last global
     own_stats: dict = None                      # this site's calibration statistics
     results: dict = None                        # fp32 vs int8 on this site's test set
+    artifacts: list = None                      # the int8 files, each measured in its own runtime
     predictions: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # compute time by activity
     bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
@@ -126,11 +127,21 @@ class Site:
         with self.timed("quantize"):
             self.recipe.convert(merged, self.inputs.model)
 
+    def export_int8(self, output_dir):
+        """Write the int8 model's files (model_int8.pt for the FX backends; .pte, .onnx and .pt2
+        for xnnpack) and measure each in its own runtime on this site's test set."""
+        with self.timed("export"):
+            paths = quant.write_artifacts(self.recipe.int8_model, self.inputs.example_inputs, output_dir,
+                                          self.config.backend)
+            self.artifacts = [{"file": path.name, **quant.measure_artifact(
+                path, self.inputs.test_loader, (1, self.config.batch_size), backend=self.config.backend)}
+                for path in paths.values()]
+
     def results_message(self):
-        """fp32 vs int8 on this site's test set: accuracy, loss, size, latency."""
+        """fp32 vs int8 on this site's test set: accuracy, loss, size, latency; and the int8 files."""
         batch = next(iter(self.inputs.test_loader))[0]
         self.results = {"n_train": self.inputs.train_info.n, "n_test": self.inputs.test_info.n,
-                        "seconds": dict(self.seconds)}
+                        "seconds": dict(self.seconds), "artifacts": self.artifacts}
         for precision, model in (("fp32", self.recipe.float_model), ("int8", self.recipe.int8_model)):
             result = evaluate(model, self.inputs.test_loader)
             self.predictions[precision] = result.y_pred

@@ -68,6 +68,7 @@ def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: st
     sections = [
         _summary_section(metrics),
         _comparison_section(metrics, comparison_png),
+        _artifacts_section(metrics),
         _rounds_section(metrics, rounds_png),
         _sites_section(metrics),
         _confusion_section(labels, counts),
@@ -120,6 +121,40 @@ def _comparison_section(metrics, figure_path):
         _figure(figure_path, "fp32 vs int8 bar charts"),
         "<p class='caption'>Grey bars are the fp32 model, green bars the int8 model, on this "
         "site: accuracy should be nearly equal while size (and usually latency) drop.</p>",
+    ])
+
+
+def _artifacts_section(metrics):
+    """The int8 files side by side with fp32, each measured in its own runtime on this site."""
+    artifacts = metrics.get("artifacts") or []
+    if not artifacts:
+        return ""
+    fp32 = metrics.get("fp32") or {}
+    batch = str((metrics.get("config") or {}).get("batch_size", ""))
+    head = ("<tr><th class='row-label'>File</th><th>Runs in</th><th>Accuracy</th><th>vs fp32</th>"
+            "<th>Size</th><th>vs fp32</th><th>Latency, batch 1</th>"
+            f"<th>Latency, batch {_text(batch)}</th><th>vs fp32 (batch {_text(batch)})</th><th>SHA-256</th></tr>")
+    rows = [f"<tr><td class='row-label'>model_fp32.pt (fp32)</td><td>PyTorch</td>"
+            f"<td>{_percent(fp32.get('accuracy'))}</td><td></td><td>{_kilobytes(fp32.get('size_bytes'))}</td>"
+            f"<td></td><td></td><td>{_milliseconds(fp32.get('latency_ms'))}</td><td></td><td></td></tr>"]
+    for artifact in artifacts:
+        latency = artifact.get("latency_ms") or {}
+        name = str(artifact.get("file", MISSING))
+        rows.append(
+            f"<tr><td class='row-label'>{_text(name)}</td><td>{_text(RUNTIMES.get(Path(name).suffix, MISSING))}</td>"
+            f"<td>{_percent(artifact.get('accuracy'))}</td>"
+            f"<td>{compare.point_change(fp32.get('accuracy'), artifact.get('accuracy')) or MISSING}</td>"
+            f"<td>{_kilobytes(artifact.get('size_bytes'))}</td>"
+            f"<td>{compare.size(fp32.get('size_bytes'), artifact.get('size_bytes')) or MISSING}</td>"
+            f"<td>{_milliseconds(latency.get('1'))}</td><td>{_milliseconds(latency.get(batch))}</td>"
+            f"<td>{compare.latency(fp32.get('latency_ms'), latency.get(batch)) or MISSING}</td>"
+            f"<td><code>{_text(str(artifact.get('sha256', MISSING))[:16])}</code></td></tr>")
+    return "".join([
+        "<h2>The int8 files</h2>",
+        f"<table id='artifacts'>{head}{''.join(rows)}</table>",
+        "<p class='caption'>Each file was loaded in its own runtime and run on this site's test "
+        "set (one thread). Every site holds the same bytes: the coordinator compared their "
+        "SHA-256 before the run finished.</p>",
     ])
 
 
@@ -266,6 +301,10 @@ def _kilobytes(size_bytes):
 def _milliseconds(value):
     return MISSING if value is None else f"{value:.2f} ms"
 
+
+# Where each int8 file runs (README: "Running the int8 model").
+RUNTIMES = {".pt": "PyTorch (TorchScript)", ".pte": "ExecuTorch (XNNPACK)", ".onnx": "ONNX Runtime",
+            ".pt2": "PyTorch (torch.export)"}
 
 # (metrics key, row label, how to show one value, how to compare fp32 with int8: outputs.compare)
 _COMPARED_METRICS = (

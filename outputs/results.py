@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-import quant
 from inputs.config import CONFIG_FILE
 from outputs.predictions import write_predictions
 from outputs.report import write_report
@@ -15,16 +14,14 @@ from outputs.report import write_report
 FIGURES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
-def write_results(output_dir, config_file, models, metrics, predictions):
-    """Write everything; `models`: the final float and int8 models (a quant.Int8Recipe),
-    `metrics`: build_metrics' dict, `predictions`: "true", "fp32", "int8" label tensors."""
+def write_results(output_dir, config_file, float_model, metrics, predictions):
+    """Write everything but the int8 files (Site.export_int8 wrote them); `metrics`:
+    build_metrics' dict, `predictions`: "true", "fp32", "int8" label tensors."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # A copy of the config, so the next app of a FeatureCloud workflow finds it.
     shutil.copyfile(config_file, output_dir / CONFIG_FILE)
-    torch.save(models.float_model.state_dict(), output_dir / "model_fp32.pt")
-    quant.save_torchscript(models.int8_model, models.example_inputs, output_dir / "model_int8.pt",
-                           models.backend)
+    torch.save(float_model.state_dict(), output_dir / "model_fp32.pt")
     (output_dir / "metrics.json").write_text(metrics_json(metrics))
     write_rounds_csv(output_dir / "metrics.csv", metrics["rounds"], metrics["federation"]["rounds"])
     write_predictions(output_dir, predictions["true"], predictions["int8"], predictions["fp32"])
@@ -43,6 +40,7 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
         "rounds": [{**row, "bytes_sent": _round_bytes(bytes_sent, row["round"])} for row in rounds],
         "fp32": results["fp32"],
         "int8": results["int8"],
+        "artifacts": results["artifacts"],
         "seconds": results["seconds"],
         "bytes_sent": {"total": sum(bytes_sent.values()), "by_memo": bytes_sent},
         "federation": {**federation["figures"], "rounds": federation["rounds"],

@@ -31,6 +31,7 @@ from . import _pt2e
 from .engine import FX_BACKENDS, PT2E_BACKENDS, info_of, set_engine
 from .errors import QuantizationError
 from .pt2e import dynamic_batch, export_examples
+from .results import save_torchscript, with_digest_serialization_id
 
 ARTIFACT_FILES = {"pte": "model_int8.pte", "onnx": "model_int8.onnx", "pt2": "model_int8.pt2"}
 TORCHSCRIPT_FILE = "model_int8.pt"
@@ -45,7 +46,9 @@ _VOLATILE_META = ("stack_trace", "source_fn_stack", "from_node", "seq_nr")
 
 def export_int8(int8_model: nn.Module, example_inputs: tuple):
     """The converted pt2e model as an ExportedProgram with a dynamic batch size."""
-    examples = export_examples(tuple(x.detach().cpu() for x in example_inputs))
+    # Zeros of the example's shape: an exported program keeps its sample inputs, and a site's
+    # own test sample must neither leave it in a file nor make its file differ from the others'.
+    examples = export_examples(tuple(torch.zeros_like(x.detach().cpu()) for x in example_inputs))
     try:
         with _pt2e.quiet():
             program = torch.export.export(int8_model.cpu().eval(), examples, dynamic_shapes=dynamic_batch(examples))
@@ -131,7 +134,7 @@ def pt2_bytes(program) -> bytes:
     buffer = io.BytesIO()
     with _pt2e.quiet():
         torch.export.save(program, buffer)
-    return buffer.getvalue()
+    return with_digest_serialization_id(buffer.getvalue(), ARTIFACT_FILES["pt2"])
 
 
 def write_artifacts(int8_model: nn.Module, example_inputs: tuple, out_dir, backend: str,
@@ -144,8 +147,6 @@ def write_artifacts(int8_model: nn.Module, example_inputs: tuple, out_dir, backe
     out_dir.mkdir(parents=True, exist_ok=True)
     example_inputs = tuple(x.detach().cpu() for x in example_inputs)
     if backend in FX_BACKENDS:
-        from .results import save_torchscript
-
         path = out_dir / TORCHSCRIPT_FILE
         save_torchscript(int8_model, example_inputs, path, backend)
         return {"pt": path}

@@ -53,15 +53,20 @@ _SERIALIZATION_ID = ".data/serialization_id"
 
 
 def _deterministic_serialization_id(path) -> None:
-    """torch.jit.save writes a random `.data/serialization_id` record: replace it (same length,
-    digits) by a digest of the archive's other records, and fix its CRC-32 in the local header,
-    the data descriptor and the central directory."""
-    data = bytearray(Path(path).read_bytes())
+    """The same as `with_digest_serialization_id`, in place on a file."""
+    Path(path).write_bytes(with_digest_serialization_id(Path(path).read_bytes(), str(path)))
+
+
+def with_digest_serialization_id(archive_bytes: bytes, name: str) -> bytes:
+    """torch.jit.save and torch.export.save write a random `.data/serialization_id` record:
+    replace it (same length, digits) by a digest of the archive's other records, and fix its
+    CRC-32 in the local header, the data descriptor and the central directory."""
+    data = bytearray(archive_bytes)
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
         infos = archive.infolist()
         target = next((i for i in infos if i.filename.endswith(_SERIALIZATION_ID)), None)
         if target is None or target.compress_type != zipfile.ZIP_STORED:
-            return
+            return bytes(data)
         digest = hashlib.sha256()
         for info in infos:
             if info is not target:
@@ -87,10 +92,10 @@ def _deterministic_serialization_id(path) -> None:
             struct.pack_into("<I", data, position + 16, crc)
             break
         position = data.find(b"PK\x01\x02", position + 4)
-    Path(path).write_bytes(bytes(data))
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
         if archive.testzip() is not None:
-            raise QuantizationError(f"save_torchscript: {path}: could not rewrite {_SERIALIZATION_ID}")
+            raise QuantizationError(f"{name}: could not rewrite {_SERIALIZATION_ID}")
+    return bytes(data)
 
 
 def _compile(model: nn.Module, example_inputs: tuple):

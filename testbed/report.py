@@ -1,5 +1,6 @@
 """What the testbed prints: progress lines, the failure report, the fp32-vs-int8 tables."""
 import json
+from pathlib import Path
 
 from outputs import compare
 
@@ -36,22 +37,30 @@ def _number(value, fmt):
 
 
 def metrics_table(site_name, metrics):
-    """The fp32 vs int8 table of one site's metrics.json."""
-    fp32, int8 = metrics.get("fp32", {}), metrics.get("int8", {})
+    """One site's metrics.json as a table: fp32, the int8 model in PyTorch, and each int8 file
+    measured in its own runtime (latency at the config's batch size, one thread); then how
+    each int8 column compares with fp32."""
+    batch = str((metrics.get("config") or {}).get("batch_size", ""))
+    columns = [("fp32", metrics.get("fp32", {})), ("int8", metrics.get("int8", {}))]
+    for artifact in metrics.get("artifacts") or []:
+        latency = (artifact.get("latency_ms") or {}).get(batch)
+        columns.append((Path(artifact.get("file", "?")).suffix, {**artifact, "latency_ms": latency}))
 
     def row(label, key, fmt, scale=1.0):
-        values = [m.get(key) for m in (fp32, int8)]
-        cells = [_number(v / scale if isinstance(v, (int, float)) else v, fmt) for v in values]
-        return f"  {label:<13}{cells[0]:>11}{cells[1]:>11}"
+        cells = [_number(figures.get(key) / scale if isinstance(figures.get(key), (int, float))
+                         else figures.get(key), fmt) for _, figures in columns]
+        return f"  {label:<13}" + "".join(f"{cell:>11}" for cell in cells)
 
-    def versus(key, how):
-        text = how(fp32.get(key), int8.get(key))
-        return f"   {text}" if text else ""
-
-    lines = [f"{site_name:<15}{'fp32':>11}{'int8':>11}",
-             row("accuracy", "accuracy", ".4f") + versus("accuracy", compare.point_change),
-             row("size (KB)", "size_bytes", ".1f", scale=1024.0) + versus("size_bytes", compare.size),
-             row("latency (ms)", "latency_ms", ".2f") + versus("latency_ms", compare.latency)]
+    fp32 = columns[0][1]
+    lines = [f"{site_name:<15}" + "".join(f"{name:>11}" for name, _ in columns),
+             row("accuracy", "accuracy", ".4f"),
+             row("size (KB)", "size_bytes", ".1f", scale=1024.0),
+             row("latency (ms)", "latency_ms", ".2f")]
+    for name, figures in columns[1:]:
+        versus = [compare.point_change(fp32.get("accuracy"), figures.get("accuracy")),
+                  compare.size(fp32.get("size_bytes"), figures.get("size_bytes")),
+                  compare.latency(fp32.get("latency_ms"), figures.get("latency_ms"))]
+        lines.append(f"  {name} vs fp32: " + ", ".join(text for text in versus if text))
     return "\n".join(lines)
 
 
