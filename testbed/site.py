@@ -224,9 +224,20 @@ class Site:
         # The engine stores the decoded query value and looks it up as quote(memo): send the
         # quoted memo, URL-encoded once more, so that lookup matches for any memo.
         query = {"client": sender_id, "memo": urllib.parse.quote(memo)}
-        self._call_or_fail("POST", "data", body=payload, query=query,
-                           content_type="application/octet-stream",
-                           refused=f"{memo!r} from {sender_name or sender_id}")
+        try:
+            self._call_or_fail("POST", "data", body=payload, query=query,
+                               content_type="application/octet-stream",
+                               refused=f"{memo!r} from {sender_name or sender_id}")
+        except SiteFailure as failure:
+            if isinstance(failure.__cause__, urllib.error.HTTPError):
+                self._record_status()  # the refusal put the site into state error: keep its message
+            raise
+
+    def _record_status(self):
+        try:
+            self.get_status()
+        except SiteFailure:
+            pass
 
 
 def _is_timeout(error):
