@@ -98,6 +98,12 @@ def fit_message(problem, tail=""):
     return (problem + tail)[:STATUS_MESSAGE_CHARS]
 
 
+def blame(sender, short_problem, app=None):
+    """A status message naming the problem and its sender, e.g. blame(s, "bad update: NaN")
+    -> 'bad update: NaN from #3 3f2a9c1e' (the problem is cut to fit 40 characters)."""
+    return fit_message(short_problem, f" from {sender_label(sender, app)}")
+
+
 class PeerError(Exception):
     """Another site sent something this site must refuse. `str()` is the whole explanation;
     `short` (at most 40 characters, for the controller) names the problem and the sender,
@@ -109,7 +115,7 @@ class PeerError(Exception):
         self.sender = sender
         self.problem = problem
         super().__init__(f"{problem} (from {describe_sender(sender, app)})")
-        self.short = fit_message(short, f" from {sender_label(sender, app)}")
+        self.short = blame(sender, short, app)
 
 
 class ProtocolError(PeerError):

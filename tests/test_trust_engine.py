@@ -335,3 +335,15 @@ def test_a_watchdog_is_quiet_when_the_phase_ends_in_time():
         time.sleep(0.05)
     time.sleep(0.5)
     assert engine.guard_of(app).failure is None
+
+
+def test_blame_names_the_sender_within_40_characters():
+    app = fc_engine.App()
+    app.clients = IDS
+    assert engine.blame(IDS[2], "bad update: NaN", app=app) == "bad update: NaN from #3 cccccccc"
+    long = engine.blame(IDS[2], "bad update: NaN or infinite values in w/fc1.weight", app=app)
+    assert len(long) == 40 and long.endswith("… from #3 cccccccc")
+    assert engine.blame(STRANGER, "bad update", app=app) == "bad update from unknown 99999999"
+    error = engine.PeerError(IDS[1], "update_2 has NaN in 'w/fc1.weight'", "bad update: NaN", app=app)
+    assert engine.status_message(error) == "bad update: NaN from #2 bbbbbbbb"
+    assert "site 2 of 3 (id bbbbbbbbbbbbbbbb)" in str(error)
