@@ -197,8 +197,14 @@ class Site:
                 self._call("POST", "setup", body=body, content_type="application/json")
                 return
             except urllib.error.HTTPError as error:
-                raise SiteFailure(self, f"POST /setup answered HTTP {error.code}") from error
-            except (urllib.error.URLError, ConnectionError) as error:
+                raise SiteFailure(self, f"POST /setup answered HTTP {error.code}: "
+                                        f"{_error_body(error)}") from error
+            except (urllib.error.URLError, OSError) as error:
+                if _is_timeout(error):
+                    stopped = "; its process is stopped (SIGSTOP?)" if self.is_stopped() else ""
+                    raise SiteFailure(self, f"site {self.index} not responding for "
+                                            f"{self.response_timeout:g} s (POST /setup timed "
+                                            f"out{stopped})") from error
                 if time.monotonic() > give_up:
                     raise SiteFailure(
                         self, f"HTTP server on port {self.port} did not come up "
