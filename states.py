@@ -70,8 +70,11 @@ class Initial(FederatedState):
     def run(self):
         live_status.update(site_id=self.id, coordinator=self.is_coordinator, state=self.name)
         self.show("checking inputs", 0.01)
-        site = Site.load(INPUT_DIR)
+        site = Site.load(INPUT_DIR)  # under the state's watchdog, like every state's work
         self.store("site", site)
+        engine.set_watchdog_seconds(site.config.watchdog_seconds)
+        # No message is larger than a model update (weights + SCAFFOLD's controls + ranges).
+        engine.limit_payload_bytes(engine.payload_limit_for(site.local_message().joined(), factor=3))
         live_status.update(max_iter=site.config.max_iter, round=0)
         self.send_to_coordinator("summary", site.summary_message())
         if self.is_coordinator:

@@ -5,12 +5,29 @@ import math
 import torch
 
 
-class UpdateError(ValueError):
+class PeerMessageError(ValueError):
+    """What another site sent is refused. The message names the site; `sender` and `problem`
+    make the controller's 40-character status ('bad update: NaN from #2 3f2a9c1e', by the
+    engine wrapper), where the whole message would be cut before the site's name."""
+
+    problem = "bad message"
+
+    def __init__(self, message, sender=None, problem=None):
+        super().__init__(message)
+        self.sender = sender
+        self.problem = problem or self.problem
+
+
+class UpdateError(PeerMessageError):
     """Tensors from another site do not fit the local model; names the sending site."""
 
+    problem = "bad update"
 
-class SiteMismatchError(ValueError):
+
+class SiteMismatchError(PeerMessageError):
     """The sites' data do not fit together, or a site sent malformed figures; names the site."""
+
+    problem = "bad report"
 
 
 def schema_of(tensors):
@@ -26,16 +43,17 @@ def check_tensors(schema, tensors, sender, allow_infinite=False):
     extra = sorted(set(tensors) - set(schema))
     if missing or extra:
         raise UpdateError(f"update from site {sender} does not match the model: "
-                          f"missing {missing[:5]}, unexpected {extra[:5]}")
+                          f"missing {missing[:5]}, unexpected {extra[:5]}", sender, "update: wrong keys")
     for name, (shape, dtype) in schema.items():
         got = tensors[name]
         if tuple(got.shape) != shape or got.dtype != dtype:
             raise UpdateError(f"update from site {sender}: '{name}' is {got.dtype}{list(got.shape)}, "
-                              f"expected {dtype}{list(shape)}")
+                              f"expected {dtype}{list(shape)}", sender, "update: wrong shape")
         if not got.is_floating_point():
             continue
         if torch.isnan(got).any() or not (allow_infinite or torch.isfinite(got).all()):
-            raise UpdateError(f"update from site {sender}: '{name}' has NaN or infinite values")
+            raise UpdateError(f"update from site {sender}: '{name}' has NaN or infinite values", sender,
+                              "update: NaN/inf")
 
 
 # ---- reports ------------------------------------------------------------------------------
@@ -167,7 +185,7 @@ def check_report(kind, meta, sender):
     if problem:
         path, value, demand = problem
         raise SiteMismatchError(f"site {sender} sent a '{kind}' report whose '{path}' is {_shown(value)}: "
-                                f"expected {demand}")
+                                f"expected {demand}", sender, f"bad {kind} report")
 
 
 def _shown(value, limit=60):

@@ -79,4 +79,4 @@ def _check_delta(name, values, scale, previous, sender):
     elif scale is None or scale.shape != (len(previous),) or not torch.isfinite(scale).all():
         problem = f"needs finite float scales '{SCALE + name}' of shape [{len(previous)}]"
     if problem:
-        raise UpdateError(f"int8 update from site {sender}: '{name}' {problem}")
+        raise UpdateError(f"int8 update from site {sender}: '{name}' {problem}", sender, "bad int8 update")

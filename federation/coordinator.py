@@ -78,7 +78,7 @@ class Coordinator:
                 f"update from site {senders[index]} is an outlier: {ratio:.1f} times as far from the "
                 f"previous global model as the other sites' updates (median), more than outlier_factor "
                 f"{config.outlier_factor:g}; a hostile or broken site (or, if its data really differ "
-                f"that much, raise outlier_factor or set robust_aggregation)")
+                f"that much, raise outlier_factor or set robust_aggregation)", senders[index], "outlier update")
         round_number = len(self.rounds) + 1
         for index, _ in outliers:
             self._site_row(senders[index], updates[index])["excluded_rounds"].append(round_number)
@@ -128,7 +128,8 @@ def _check_senders(pieces, kind):
     seen = set()
     for sender, _ in pieces:
         if sender in seen:
-            raise UpdateError(f"site {sender} sent more than one '{kind}' message this round")
+            raise UpdateError(f"site {sender} sent more than one '{kind}' message this round", sender,
+                              f"duplicate {kind}")
         seen.add(sender)
 
 
@@ -138,9 +139,10 @@ def _check_same_files(own, theirs, sender):
     other = {row["file"]: row["sha256"] for row in theirs}
     if set(mine) != set(other):
         raise SiteMismatchError(f"site {sender} wrote the int8 files {sorted(other)}, the coordinator "
-                                f"{sorted(mine)}")
+                                f"{sorted(mine)}", sender, "other int8 files")
     for name, digest in mine.items():
         if other[name] != digest:
             raise SiteMismatchError(
                 f"site {sender}'s {name} differs from the coordinator's (SHA-256 {other[name][:12]}... "
-                f"vs {digest[:12]}...): the sites do not hold the same int8 model")
+                f"vs {digest[:12]}...): the sites do not hold the same int8 model", sender,
+                "int8 model differs")

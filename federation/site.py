@@ -5,14 +5,17 @@ The work itself lives elsewhere: the inputs in `inputs.SiteInputs`, training in
 `federation.messages.Codec`. Every method that talks to the federation takes or returns the
 bytes of one message; the states move those bytes.
 """
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import quant
 from federation.messages import Codec, ModelMessage
 from inputs.site_inputs import SiteInputs, load_site_inputs
+from outputs.atomic import copy_file
 from training import evaluate
 from training.local import LocalTraining
 
@@ -130,12 +133,15 @@ class Site:
     def export_int8(self, output_dir):
         """Write the int8 model's files (model_int8.pt for the FX backends; .pte, .onnx and .pt2
         for xnnpack) and measure each in its own runtime on this site's test set."""
-        with self.timed("export"):
-            paths = quant.write_artifacts(self.recipe.int8_model, self.inputs.example_inputs, output_dir,
+        # Written and measured aside, then each published whole or not at all (outputs.atomic).
+        with self.timed("export"), tempfile.TemporaryDirectory() as staging:
+            paths = quant.write_artifacts(self.recipe.int8_model, self.inputs.example_inputs, staging,
                                           self.config.backend)
             self.artifacts = [{"file": path.name, **quant.measure_artifact(
                 path, self.inputs.test_loader, (1, self.config.batch_size), backend=self.config.backend)}
                 for path in paths.values()]
+            for path in paths.values():
+                copy_file(path, Path(output_dir) / path.name)
 
     def results_message(self):
         """fp32 vs int8 on this site's test set: accuracy, loss, size, latency; and the int8 files."""

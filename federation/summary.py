@@ -9,7 +9,8 @@ def check_sites_fit(summaries):
         if summary["input_shape"] != reference["input_shape"]:
             raise SiteMismatchError(
                 f"site {sender}'s inputs have shape {tuple(summary['input_shape'])}, but site "
-                f"{reference_sender}'s (the coordinator's) have {tuple(reference['input_shape'])}")
+                f"{reference_sender}'s (the coordinator's) have {tuple(reference['input_shape'])}",
+                sender, "input shape differs")
 
 
 def weighted_mean(reports, key, weight_key):

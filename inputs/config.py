@@ -3,6 +3,11 @@
 Two layouts are accepted: the seed's flat keys, or the same keys under a top-level
 `fc_quantization:` key (FeatureCloud convention; other top-level keys then belong to
 other apps of a workflow and are ignored).
+
+The file is read with a strict loader: YAML anchors and aliases are refused (an alias bomb
+of a few lines expands to gigabytes), so are duplicate keys (the last would silently win);
+values are shown cut to 80 characters in error messages, and numbers that set how much work
+a site does have upper bounds that say why.
 """
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +21,8 @@ from quant import BACKENDS, QUANT_TYPES
 
 CONFIG_FILE = "config.yml"
 APP_KEY = "fc_quantization"
+MAX_CONFIG_BYTES = 2**20  # a config.yml is a few hundred bytes; this bounds reading it
+SHOWN_VALUE_CHARS = 80    # values in error messages are cut to this
 
 DEVICES = ("auto", "cpu", "cuda")
 COMMUNICATIONS = ("float32", "int8")
@@ -68,6 +75,10 @@ class AppConfig:
     robust_aggregation: str = "none"
     outlier_factor: float | None = 4.0
     max_site_weight: float | None = 0.5
+    # A phase of local work (loading inputs, a round's training, evaluation, calibration,
+    # conversion, writing outputs) that runs longer is taken to hang: the site stops with an
+    # error naming the phase and the file (federation/engine.py's watchdog).
+    watchdog_seconds: float = 3600
 
     def qat_schedule(self):
         """(first QAT round, BatchNorm freeze round, observer freeze round).
@@ -93,10 +104,12 @@ REQUIRED = ("model", "train_dataset", "test_dataset")
 
 # key -> (accepted python types, check, what the check demands)
 _POSITIVE_INT = ((int,), lambda v: v >= 1, "an integer >= 1")
+_FILE_NAME_CHARS = 255
 _RULES = {
-    "model": ((str,), lambda v: v.endswith(".py"), "the name of a .py file in the input dir"),
-    "train_dataset": ((str,), bool, "the name of a .pth file in the input dir"),
-    "test_dataset": ((str,), bool, "the name of a .pth file in the input dir"),
+    "model": ((str,), lambda v: v.endswith(".py") and len(v) <= _FILE_NAME_CHARS,
+              "the name of a .py file in the input dir"),
+    "train_dataset": ((str,), lambda v: 0 < len(v) <= _FILE_NAME_CHARS, "the name of a .pth file in the input dir"),
+    "test_dataset": ((str,), lambda v: 0 < len(v) <= _FILE_NAME_CHARS, "the name of a .pth file in the input dir"),
     "batch_size": _POSITIVE_INT,
     "learning_rate": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0"),
     "epochs": _POSITIVE_INT,
@@ -128,9 +141,94 @@ _RULES = {
                        "a number > 1 (how many times the other sites' median distance), or null for no check"),
     "max_site_weight": ((int, float, type(None)), lambda v: v is None or 0 < v <= 1,
                         "a number in (0, 1] (a share of the total averaging weight), or null for no cap"),
+    "watchdog_seconds": ((int, float), lambda v: v > 0, "a number of seconds > 0"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
+
+# key -> (largest accepted value, why): a value past these is a typo or would keep a site
+# busy for days, and in a federation every other site waits for it.
+UPPER_BOUNDS = {
+    "batch_size": (65536, "a larger batch does not fit in memory, and a site's data would "
+                          "make a handful of steps per epoch"),
+    "epochs": (1000, "local epochs per round; more lets a site drift far from the federation "
+                     "and keeps every other site waiting (use more rounds instead)"),
+    "max_iter": (10000, "rounds; each one exchanges the model with every site"),
+    "calibration_batches": (10000, "observers settle after a few dozen batches; more only "
+                                   "takes time"),
+    "learning_rate": (100, "a step this large diverges"),
+    "qat_warmup_rounds": (10000, "it must be less than max_iter, which is at most 10000"),
+    "qat_freeze_bn_round": (10000, "a round number, and max_iter is at most 10000"),
+    "qat_freeze_observers_round": (10000, "a round number, and max_iter is at most 10000"),
+    "watchdog_seconds": (7 * 24 * 3600, "a week; a phase running longer than that hangs"),
+}
+
+
+class RefusedYAML(yaml.YAMLError):
+    """YAML that is valid but refused: an anchor, an alias or a duplicate key."""
+
+    def __init__(self, problem, key=None):
+        super().__init__(problem)
+        self.problem, self.key = problem, key
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors, aliases (and so merge keys) and duplicate keys."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise RefusedYAML(f"line {line}: YAML anchors and aliases ({sign}{str(anchor)[:20]}) "
+                              f"are not accepted; write each value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class names an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise RefusedYAML(f"duplicate key {shorten(key)} on lines {first_line[key]} and "
+                                      f"{line}; each key may appear once",
+                                      key=str(key) if isinstance(key, str) else None)
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def shorten(value, limit=SHOWN_VALUE_CHARS):
+    """repr(value) cut to `limit` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_yaml(path):
+    """The YAML document in `path`, read with StrictLoader; InputError when it is unreadable,
+    too large, not YAML, or uses what StrictLoader refuses."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file not found (every site needs config.yml in its input dir)")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise InputError(path, f"is {size} bytes; a config.yml of more than {MAX_CONFIG_BYTES} "
+                               f"bytes is not a config")
+    try:
+        return yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 - a SafeLoader
+    except RefusedYAML as error:
+        raise InputError(path, error.problem, key=error.key) from None
+    except yaml.YAMLError as error:
+        raise InputError(path, f"not valid YAML: {error}") from None
+    except RecursionError:
+        raise InputError(path, "not valid YAML: nested too deeply") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not a text file") from None
 
 
 def load_config(input_dir):
@@ -141,24 +239,16 @@ def load_config(input_dir):
 
 def read_app_section(path):
     """The app's keys in a config.yml (flat or under `fc_quantization:`), not yet validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "config file not found (every site needs config.yml in its input dir)")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise InputError(path, f"not valid YAML: {error}") from None
-    except UnicodeDecodeError:
-        raise InputError(path, "not a text file") from None
-    return _app_section(document, path)
+    return _app_section(read_yaml(path), path)
 
 
 def parse_config(document, path=CONFIG_FILE):
     """Validate a parsed YAML document; `path` is only used in error messages."""
     section = _app_section(document, path)
-    unknown = sorted(str(key) for key in section if key not in _RULES)
+    unknown = sorted(str(key)[:SHOWN_VALUE_CHARS] for key in section if key not in _RULES)
     if unknown:
-        raise InputError(path, f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(KNOWN_KEYS)}",
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise InputError(path, f"unknown key(s) {shown}; known keys: {', '.join(KNOWN_KEYS)}",
                          key=unknown[0])
     for key in REQUIRED:
         if key not in section:
@@ -194,4 +284,8 @@ def _check_value(key, value, path):
     # bool is an int in Python; `batch_size: true` is a mistake, not 1.
     wrong_bool = isinstance(value, bool) and bool not in types
     if wrong_bool or not isinstance(value, types) or not check(value):
-        raise InputError(path, f"must be {demand}, got {value!r}", key=key)
+        raise InputError(path, f"must be {demand}, got {shorten(value)}", key=key)
+    if key in UPPER_BOUNDS and value is not None:
+        largest, why = UPPER_BOUNDS[key]
+        if value > largest:
+            raise InputError(path, f"must be at most {largest} ({why}), got {shorten(value)}", key=key)

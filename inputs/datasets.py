@@ -2,17 +2,29 @@
 
 `load_dataset` reads the file and checks what can be checked without reading samples;
 `describe_dataset` reads every label and returns what the federation needs to know.
+
+Before anything is unpickled, the archive's declared sizes are checked (a deflated zip of a
+megabyte can declare gigabytes of tensor data); inputs with NaN or infinite values are refused
+naming the file, before they could spoil the federation's model.
 """
 import importlib
 import numbers
+import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-from inputs.errors import InputError
+from inputs.errors import InputError, user_code_exit
+
+# A torch.save archive stores tensors uncompressed: its data is about its file size. One whose
+# entries expand to more than this many times the file (and more than the floor) is a
+# decompression bomb, as is one that would not fit in this machine's memory.
+MAX_EXPANSION = 20
+EXPANSION_FLOOR_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,39 @@ def load_dataset(path, key) -> Dataset:
                            f"an (inputs, labels) tuple of tensors", key=key)
 
 
+def physical_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
+def check_archive_size(path, key, memory_bytes=None):
+    """Refuse a torch.save zip archive whose entries (as its central directory declares them:
+    what unpacking allocates) expand far beyond the file or beyond this machine's memory."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format stores tensors raw; torch.load names any other problem
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise InputError(path, f"cannot be read as a torch.save file (corrupt or truncated?): "
+                               f"{error}", key=key) from None
+    declared = sum(entry.file_size for entry in entries)
+    file_size = path.stat().st_size
+    memory_bytes = memory_bytes or physical_memory_bytes()
+    if declared > memory_bytes:
+        raise InputError(path, f"declares {declared} bytes of data, more than this machine's "
+                               f"{memory_bytes} bytes of memory", key=key)
+    if declared > max(MAX_EXPANSION * file_size, EXPANSION_FLOOR_BYTES):
+        raise InputError(path, f"a {file_size} byte file that declares {declared} bytes of data "
+                               f"(x{declared // max(file_size, 1)}): a compressed archive or a "
+                               f"decompression bomb, not a torch.save file (it stores tensors "
+                               f"uncompressed)", key=key)
+
+
 def _torch_load(path, key):
+    check_archive_size(path, key)
     try:
         return torch.load(path, weights_only=True)
     except Exception as error:
@@ -65,6 +109,8 @@ def _torch_load(path, key):
     except Exception as error:
         raise InputError(path, f"cannot load the dataset object: {type(error).__name__}: "
                                f"{_first_line(error)} (its class must be importable here)", key=key) from None
+    except BaseException as error:  # SystemExit, KeyboardInterrupt from the dataset's code
+        raise user_code_exit(error, path, "unpickling the dataset", key) from None
 
 
 def _classes_named_in(path):
@@ -113,7 +159,21 @@ def _check_pair(content, path, key):
         raise InputError(path, f"{len(inputs)} inputs but {len(labels)} labels", key=key)
     if len(inputs) == 0:
         raise InputError(path, "the dataset is empty (0 samples)", key=key)
+    check_finite(inputs, path, key)
     return inputs, labels
+
+
+def check_finite(inputs, path, key, first_sample=0):
+    """Refuse inputs with NaN or infinite values, naming the file and the first bad sample."""
+    finite = torch.isfinite(inputs)
+    if bool(finite.all()):
+        return
+    bad = ~finite.reshape(len(inputs), -1).all(dim=1)
+    n_nan, n_inf = int(torch.isnan(inputs).sum()), int(torch.isinf(inputs).sum())
+    first = first_sample + int(bad.nonzero()[0, 0])
+    raise InputError(path, f"inputs hold {n_nan} NaN and {n_inf} infinite values, in "
+                           f"{int(bad.sum())} sample(s), the first sample {first}; remove or "
+                           f"repair them (they would spoil the federation's model)", key=key)
 
 
 def _check_inputs_dtype(dtype, path, key):
@@ -163,6 +223,7 @@ def _labels_and_shape(dataset, n, path, key):
         # Stored tensors: every sample has the same shape; read labels without indexing each sample.
         inputs, labels = tensors
         _check_inputs_dtype(inputs.dtype, path, key)
+        check_finite(inputs, path, key)
         return labels, tuple(inputs.shape[1:])
     first_shape, labels = None, []
     for index in range(n):
@@ -172,6 +233,7 @@ def _labels_and_shape(dataset, n, path, key):
         elif tuple(sample_input.shape) != first_shape:
             raise InputError(path, f"sample {index} has shape {list(sample_input.shape)} but sample 0 has "
                                    f"{list(first_shape)}; all inputs need one shape", key=key)
+        check_finite(sample_input.unsqueeze(0), path, key, first_sample=index)
         labels.append(label)
     return torch.tensor(labels, dtype=torch.int64), first_shape
 
@@ -194,6 +256,8 @@ def _sample(dataset, index, path, key):
         sample = dataset[index]
     except Exception as error:
         raise InputError(path, f"reading sample {index} failed: {type(error).__name__}: {error}", key=key) from None
+    except BaseException as error:  # SystemExit, KeyboardInterrupt from the dataset's code
+        raise user_code_exit(error, path, f"reading sample {index}", key) from None
     if not isinstance(sample, (tuple, list)) or len(sample) != 2:
         raise InputError(path, f"sample {index} is a {type(sample).__name__}; expected an (input, label) "
                                f"pair", key=key)

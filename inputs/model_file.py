@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inputs.errors import InputError
+from inputs.errors import InputError, user_code_exit
 
 _module_numbers = itertools.count()
 
@@ -32,6 +32,9 @@ def import_python_file(path, key):
     except Exception as error:
         del sys.modules[name]
         raise InputError(path, f"importing it failed: {type(error).__name__}: {error}", key=key) from error
+    except BaseException as error:  # sys.exit() or KeyboardInterrupt at import time
+        sys.modules.pop(name, None)
+        raise user_code_exit(error, path, "importing it", key) from None
     return module
 
 
@@ -52,6 +55,8 @@ def load_model(path, class_name="Model", kwargs=None, key="model") -> nn.Module:
     except Exception as error:
         raise InputError(path, f"{class_name}(**{kwargs!r}) failed: {type(error).__name__}: {error}",
                          key=key) from error
+    except BaseException as error:
+        raise user_code_exit(error, path, f"{class_name}()", key) from None
     return model
 
 
@@ -92,6 +97,8 @@ def check_model_on_data(model, inputs_batch, n_classes, model_path) -> None:
     except Exception as error:
         raise InputError(model_path, f"the model fails on this site's inputs of shape {list(shape)}: "
                                      f"{type(error).__name__}: {error}", key="model") from error
+    except BaseException as error:
+        raise user_code_exit(error, model_path, "the model's forward", "model") from None
     finally:
         model.train(was_training)
     if not isinstance(outputs, torch.Tensor):

@@ -2,7 +2,7 @@
 the default training loop (training/loop.py shows the template)."""
 import inspect
 
-from inputs.errors import InputError
+from inputs.errors import InputError, user_code_exit
 from inputs.model_file import import_python_file
 
 REQUIRED_ARGUMENTS = ("model", "train_loader", "epochs", "learning_rate")
@@ -47,8 +47,22 @@ def _binding_problem(function, arguments, keywords, partial=False):
 
 def call_train_function(fn, model, train_loader, epochs, learning_rate, **extras):
     """Call `fn` with the four required arguments, plus each extra keyword (optimizer=, device=)
-    that its signature names or that its **kwargs can take; returns what `fn` returns."""
-    return fn(model, train_loader, epochs, learning_rate, **_accepted(fn, extras))
+    that its signature names or that its **kwargs can take; returns what `fn` returns.
+    SystemExit, KeyboardInterrupt and the like from it become a UserCodeError naming its file."""
+    arguments = _accepted(fn, extras)
+    try:
+        return fn(model, train_loader, epochs, learning_rate, **arguments)
+    except Exception:
+        raise
+    except BaseException as error:
+        raise user_code_exit(error, _source_file(fn), "train()", "train_function") from None
+
+
+def _source_file(fn):
+    try:
+        return inspect.getsourcefile(fn) or "train_function"
+    except TypeError:
+        return "train_function"
 
 
 def _accepted(fn, extras):

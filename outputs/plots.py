@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 import numpy as np  # noqa: E402
 
+from outputs.atomic import save_with  # noqa: E402
+
 SITE_COLOR = "#1f77b4"
 FEDERATION_COLOR = "#ff7f0e"
 FP32_COLOR = "#7f8c8d"
@@ -110,8 +112,9 @@ def _scaled(value, scale):
 
 def _save(figure, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
-    return path
+    try:
+        figure.tight_layout()
+        # Drawn into memory, then written whole or not at all (outputs/atomic.py).
+        return save_with(path, lambda handle: figure.savefig(handle, format="png", dpi=DPI))
+    finally:
+        plt.close(figure)

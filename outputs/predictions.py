@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from outputs.atomic import write_text
+
 LABELS_FILE = "y_test.csv"
 INT8_PREDICTIONS_FILE = "y_pred.csv"
 FP32_PREDICTIONS_FILE = "y_pred_fp32.csv"
@@ -63,5 +65,4 @@ def _as_class_indices(name, values) -> list[int]:
 
 def _write_column(path: Path, header: str, values: list[int]) -> Path:
     lines = [header, *(str(value) for value in values)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text(path, "\n".join(lines) + "\n")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from outputs import compare
+from outputs.atomic import write_text
 from outputs.plots import plot_confusion_matrix, plot_fp32_vs_int8, plot_rounds
 
 REPORT_FILE = "report.html"
@@ -75,9 +76,7 @@ def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: st
         _config_section(config_text),
     ]
     page = _page(f"Federated training report: site {_site_id(metrics)}", sections)
-    report_path = output_dir / REPORT_FILE
-    report_path.write_text(page, encoding="utf-8")
-    return report_path
+    return write_text(output_dir / REPORT_FILE, page)
 
 
 # ---- sections ---------------------------------------------------------------------------

@@ -2,12 +2,10 @@
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 
-import torch
-
 from inputs.config import CONFIG_FILE
+from outputs.atomic import atomic_open, copy_file, save_torch, write_text
 from outputs.predictions import write_predictions
 from outputs.report import write_report
 
@@ -20,9 +18,9 @@ def write_results(output_dir, config_file, float_model, metrics, predictions):
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # A copy of the config, so the next app of a FeatureCloud workflow finds it.
-    shutil.copyfile(config_file, output_dir / CONFIG_FILE)
-    torch.save(float_model.state_dict(), output_dir / "model_fp32.pt")
-    (output_dir / "metrics.json").write_text(metrics_json(metrics))
+    copy_file(config_file, output_dir / CONFIG_FILE)
+    save_torch(float_model.state_dict(), output_dir / "model_fp32.pt")
+    write_text(output_dir / "metrics.json", metrics_json(metrics))
     write_rounds_csv(output_dir / "metrics.csv", metrics["rounds"], metrics["federation"]["rounds"])
     write_predictions(output_dir, predictions["true"], predictions["int8"], predictions["fp32"])
     write_report(output_dir, metrics, predictions["true"], predictions["int8"], Path(config_file).read_text())
@@ -81,7 +79,7 @@ def write_rounds_csv(path, rounds, federation_rounds):
     federation_by_round = {row["round"]: row for row in federation_rounds}
     columns = ("round", *FIGURES, "bytes_sent")
     header = list(columns) + [f"federation_{name}" for name in FIGURES]
-    with open(path, "w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row in rounds:

@@ -2,6 +2,7 @@
 
 `python -m testbed --help` for the CLI; `run_federation` for tests and benchmarks.
 """
+from testbed.relay import Delivery
 from testbed.runner import FederationResult, run_federation
 
-__all__ = ["FederationResult", "run_federation"]
+__all__ = ["Delivery", "FederationResult", "run_federation"]

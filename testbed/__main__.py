@@ -6,6 +6,7 @@ from pathlib import Path
 
 from testbed.report import summary
 from testbed.runner import DEFAULT_APP, DEFAULT_QUERY_INTERVAL_S, DEFAULT_TIMEOUT_S, run_federation
+from testbed.site import HTTP_TIMEOUT_S
 
 SAMPLE_DIR = Path("data/sample")
 DEFAULT_CLIENT_DIRS = [SAMPLE_DIR / f"client_{i}" for i in (1, 2, 3)]
@@ -30,6 +31,9 @@ def parse_args(argv):
                         help="the app's main.py (default: main.py at the repo root)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="give up on the whole run after this many seconds (default: %(default)s)")
+    parser.add_argument("--response-timeout", type=float, default=HTTP_TIMEOUT_S,
+                        help="a site that does not answer a call within this many seconds is "
+                             "'not responding' (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -40,7 +44,7 @@ def main(argv=None):
     try:
         result = run_federation(args.client_dirs, args.generic, args.out,
                                 query_interval=args.query_interval, app=args.app,
-                                timeout=args.timeout)
+                                timeout=args.timeout, response_timeout=args.response_timeout)
     except KeyboardInterrupt:
         print("interrupted: all sites stopped", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ Routing by the status' `destination`, SMPC sums, and the byte counts the benchma
 """
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from functools import reduce
 
 from testbed.site import SiteFailure
@@ -49,6 +50,17 @@ def smpc_sum(payloads, exponent):
     return json.dumps(_from_fixed(reduce(_add, fixed), scale)).encode()
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery a relay_filter asks for instead of the payload it was given: `sender` is
+    who the receiver is told sent it (None: the real sender; a 1-based site index; or any id
+    string, e.g. one that belongs to no site), `memo` the memo (None: the real one). A filter
+    that returns [] drops the payload; [d, d] delivers it twice."""
+    payload: bytes
+    sender: object = None
+    memo: str | None = None
+
+
 class Relay:
     """Routes payloads between sites; sites[0] is the coordinator."""
 
@@ -73,7 +85,8 @@ class Relay:
             self._collect_smpc(sender, status["smpc"], memo, payload)
             return
         for receiver in self._receivers(sender, status.get("destination")):
-            self._deliver(sender.id, receiver, memo, self._filtered(sender, receiver, memo, payload))
+            for delivery in self._deliveries(sender, receiver, memo, payload):
+                self._deliver_as(delivery, sender, receiver, memo)
 
     def _receivers(self, sender, destination):
         if destination is None and sender is self.coordinator:
@@ -86,16 +99,38 @@ class Relay:
             raise SiteFailure(sender, f"destination {destination!r} is not a client id of this run")
         return [receiver]
 
-    def _filtered(self, sender, receiver, memo, payload):
+    def _deliveries(self, sender, receiver, memo, payload):
+        """What the relay_filter makes of one payload: bytes (delivered as sent) or a list of
+        Delivery."""
         if self.relay_filter is None:
-            return payload
+            return [Delivery(payload)]
         replaced = self.relay_filter(sender.index, receiver.index, memo, payload)
-        if not isinstance(replaced, bytes):
-            raise TypeError(f"relay_filter must return bytes, returned {type(replaced).__name__}")
-        return replaced
+        if isinstance(replaced, bytes):
+            return [Delivery(replaced)]
+        if isinstance(replaced, list) and all(isinstance(d, Delivery) for d in replaced):
+            return replaced
+        raise TypeError(f"relay_filter must return bytes or a list of Delivery, returned "
+                        f"{type(replaced).__name__}")
 
-    def _deliver(self, sender_id, receiver, memo, payload):
-        receiver.post_data(payload, sender_id, memo)
+    def _filtered(self, sender, receiver, memo, payload):
+        deliveries = self._deliveries(sender, receiver, memo, payload)
+        if len(deliveries) != 1 or deliveries[0].sender is not None or deliveries[0].memo is not None:
+            raise TypeError("relay_filter: SMPC contributions can only be replaced by bytes")
+        return deliveries[0].payload
+
+    def _deliver_as(self, delivery, sender, receiver, memo):
+        claimed = delivery.sender
+        if claimed is None:
+            sender_id, sender_name = sender.id, sender.name
+        elif isinstance(claimed, int):
+            claimed_site = self.sites[claimed - 1]
+            sender_id, sender_name = claimed_site.id, f"{claimed_site.name} (sent by {sender.name})"
+        else:
+            sender_id, sender_name = str(claimed), f"{str(claimed)!r} (sent by {sender.name})"
+        self._deliver(sender_id, receiver, delivery.memo or memo, delivery.payload, sender_name)
+
+    def _deliver(self, sender_id, receiver, memo, payload, sender_name=None):
+        receiver.post_data(payload, sender_id, memo, sender_name)
         self.bytes_by_memo[memo] += len(payload)
 
     def _collect_smpc(self, sender, smpc, memo, payload):
@@ -116,4 +151,4 @@ class Relay:
             raise SiteFailure(sender, f"SMPC payloads for memo {memo!r} cannot be summed: "
                                       f"{error}") from error
         # The aggregate comes from no single site; it is posted in the coordinator's name.
-        self._deliver(self.coordinator.id, self.coordinator, memo, total)
+        self._deliver(self.coordinator.id, self.coordinator, memo, total, "the controller (SMPC sum)")

@@ -1,6 +1,8 @@
 """run_federation: N sites as local processes, driven the way the FeatureCloud controller does."""
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -9,7 +11,7 @@ from pathlib import Path
 
 from testbed.relay import Relay
 from testbed.report import failure_report, progress_key, progress_line
-from testbed.site import Site, SiteFailure, stop_sites
+from testbed.site import HTTP_TIMEOUT_S, Site, SiteFailure, stop_sites
 
 # The real controller polls every 2.0 s; locally a short interval keeps runs fast.
 DEFAULT_QUERY_INTERVAL_S = 0.2
@@ -36,13 +38,65 @@ class RunTimeout(Exception):
     pass
 
 
+# Cleans up after a testbed that dies without doing it (SIGKILL, OOM): it reads the sites'
+# process groups from its stdin; at end of file without "done", the testbed is gone, so it
+# kills the groups and removes the work dir. In its own session, Ctrl-C does not reach it.
+JANITOR = r"""
+import os, shutil, signal, sys
+groups, done = [], False
+for line in sys.stdin:
+    word, _, value = line.strip().partition(" ")
+    if word == "group":
+        groups.append(int(value))
+    elif word == "done":
+        done = True
+if not done:
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+class Janitor:
+    def __init__(self, work_dir):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", JANITOR, str(work_dir)], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+
+    def watch(self, site):
+        self._send(f"group {site.process.pid}")
+
+    def done(self):
+        """The testbed cleaned up itself: the janitor leaves without touching anything."""
+        self._send("done")
+        try:
+            self.process.stdin.close()
+            self.process.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+
+    def _send(self, line):
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass
+
+
 def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUERY_INTERVAL_S,
                    app=DEFAULT_APP, timeout=DEFAULT_TIMEOUT_S, relay_filter=None, quiet=False,
-                   on_started=None, on_finished=None):
+                   on_started=None, on_finished=None, response_timeout=HTTP_TIMEOUT_S):
     """Run one federation; the first client dir is the coordinator.
 
     relay_filter(sender_index, receiver_index, memo, payload) -> bytes may replace any payload
-    on its way (indices 1-based; SMPC contributions pass it on their way to the coordinator).
+    on its way (indices 1-based; SMPC contributions pass it on their way to the coordinator);
+    returning a list of testbed.relay.Delivery instead drops, duplicates or re-addresses it
+    (another claimed sender or memo), as a hostile relay or peer would.
+    A site that does not answer a call within `response_timeout` seconds fails the run as
+    "not responding". The sites die with this process, even when it is SIGKILLed.
     on_started(ports) is called once every site is set up, with the sites' ports in order;
     each site serves /api and /web on its port. on_finished(ports) is called once every site
     has finished, before the sites are stopped (their /web pages still answer).
@@ -53,7 +107,9 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
     _check_inputs(client_dirs, generic_dir, app)
     app = Path(app).resolve()  # the app runs with its own dir as working dir
     work_dir = Path(tempfile.mkdtemp(prefix="fc-testbed-"))
-    sites = [Site(index, client_dir, work_dir, out_dir / "logs" / f"client_{index}.log")
+    janitor = Janitor(work_dir)
+    sites = [Site(index, client_dir, work_dir, out_dir / "logs" / f"client_{index}.log",
+                  response_timeout=response_timeout)
              for index, client_dir in enumerate(client_dirs, start=1)]
     relay = Relay(sites, relay_filter)
     ok, failed_site, message = False, None, "interrupted"
@@ -61,6 +117,7 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
         threads = max(1, (os.cpu_count() or 1) // len(sites))
         for site in sites:
             site.start(app, None if generic_dir is None else Path(generic_dir), threads)
+            janitor.watch(site)
         _setup_all(sites, deadline)
         if on_started is not None:
             on_started([site.port for site in sites])
@@ -76,6 +133,7 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
         stop_sites(sites)
         site_outputs = _collect_outputs(sites, out_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
+        janitor.done()
     result = FederationResult(
         ok=ok, failed_site=failed_site, message=message, site_outputs=site_outputs,
         log_paths=[site.log_path for site in sites], wall_time_s=time.monotonic() - started,

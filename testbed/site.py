@@ -3,6 +3,7 @@
 A site plays the part of one FeatureCloud container: its input dir is the client dir merged
 with the generic dir, its app listens on a free local port and its log goes to a file.
 """
+import html
 import json
 import os
 import secrets
@@ -17,11 +18,35 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-# Generous for a local machine; they only bound how long a hung site can stall the controller.
+# Generous for a local machine: a site that does not answer within this is "not responding".
 HTTP_TIMEOUT_S = 30.0
 # How long SIGTERM gets before SIGKILL when sites are stopped.
 STOP_GRACE_S = 2.0
 LOG_TAIL_LINES = 40
+
+
+# Runs each site's app: the site dies with the testbed, even when the testbed is SIGKILLed.
+# PR_SET_PDEATHSIG kills it at once (a stopped process too); a thread that watches the parent
+# id covers systems without prctl. Then the app runs as `python app.py` would run it.
+SITE_BOOTSTRAP = r"""
+import ctypes, os, runpy, signal, sys, threading, time
+parent = int(os.environ.pop("FC_TESTBED_PARENT_PID"))
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:  # the testbed died before prctl took effect
+    os._exit(1)
+def watch_parent():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=watch_parent, name="testbed-parent-watch", daemon=True).start()
+app = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(app))
+runpy.run_path(app, run_name="__main__")
+"""
 
 
 class SiteFailure(Exception):
@@ -51,8 +76,9 @@ def merge_input_dir(client_dir, generic_dir, input_dir):
 class Site:
     """A site's files and process, and the three controller calls it answers."""
 
-    def __init__(self, index, client_dir, work_dir, log_path):
+    def __init__(self, index, client_dir, work_dir, log_path, response_timeout=HTTP_TIMEOUT_S):
         self.index = index  # 1-based, as in client_<index>
+        self.response_timeout = response_timeout
         self.name = f"client_{index}"
         self.client_dir = Path(client_dir)
         self.id = secrets.token_hex(8)  # 16 hex chars, like the controller's ids
@@ -72,7 +98,8 @@ class Site:
         self.port = free_port()
         env = dict(os.environ)
         env.update(FC_PORT=str(self.port), FC_INPUT_DIR=str(self.input_dir),
-                   FC_OUTPUT_DIR=str(self.output_dir), PYTHONUNBUFFERED="1")
+                   FC_OUTPUT_DIR=str(self.output_dir), PYTHONUNBUFFERED="1",
+                   FC_TESTBED_PARENT_PID=str(os.getpid()))
         # Short engine sleeps unless the caller asked for the real ones (FC_FAST_ENGINE=0).
         env.setdefault("FC_FAST_ENGINE", "1")
         # The sites share this machine's cores: without a cap each torch process starts one
@@ -82,7 +109,8 @@ class Site:
         with open(self.log_path, "wb") as log:
             # Own session: stopping the site kills the whole process group it may spawn.
             self.process = subprocess.Popen(
-                [sys.executable, str(app_path)], cwd=str(Path(app_path).parent), env=env,
+                [sys.executable, "-c", SITE_BOOTSTRAP, str(app_path)],
+                cwd=str(Path(app_path).parent), env=env,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
 
@@ -94,6 +122,16 @@ class Site:
         code = self.exit_code()
         if code is not None and not self.finished:
             raise SiteFailure(self, f"process exited with code {code} before finishing")
+
+    def is_stopped(self):
+        """Whether the process is stopped (SIGSTOP, a debugger): state T in /proc."""
+        if self.process is None:
+            return False
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[-1].split()[:1] in (["T"], ["t"])
 
     def signal_group(self, signum):
         # Also when the leader is gone: processes it spawned may still hold the group.
@@ -121,13 +159,24 @@ class Site:
         request = urllib.request.Request(self._url(path, query), data=body, method=method)
         if content_type:
             request.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=self.response_timeout) as response:
             return response.read()
 
-    def _call_or_fail(self, method, path, **kwargs):
+    def _call_or_fail(self, method, path, refused=None, **kwargs):
         try:
             return self._call(method, path, **kwargs)
+        except urllib.error.HTTPError as error:
+            # The site answered, and refused: its answer says why (e.g. who sent bad data).
+            explanation = _error_body(error)
+            self.check_alive()
+            what = refused or f"{method} /{path}"
+            raise SiteFailure(self, f"{what} refused (HTTP {error.code}): {explanation}") from error
         except (urllib.error.URLError, OSError) as error:
+            if _is_timeout(error):
+                stopped = "; its process is stopped (SIGSTOP?)" if self.is_stopped() else ""
+                raise SiteFailure(self, f"site {self.index} not responding for "
+                                        f"{self.response_timeout:g} s ({method} /{path} timed "
+                                        f"out{stopped})") from error
             # A refused or reset connection often means the process is dying: give it a
             # moment to exit, because a dead process is the clearer message.
             try:
@@ -148,8 +197,14 @@ class Site:
                 self._call("POST", "setup", body=body, content_type="application/json")
                 return
             except urllib.error.HTTPError as error:
-                raise SiteFailure(self, f"POST /setup answered HTTP {error.code}") from error
-            except (urllib.error.URLError, ConnectionError) as error:
+                raise SiteFailure(self, f"POST /setup answered HTTP {error.code}: "
+                                        f"{_error_body(error)}") from error
+            except (urllib.error.URLError, OSError) as error:
+                if _is_timeout(error):
+                    stopped = "; its process is stopped (SIGSTOP?)" if self.is_stopped() else ""
+                    raise SiteFailure(self, f"site {self.index} not responding for "
+                                            f"{self.response_timeout:g} s (POST /setup timed "
+                                            f"out{stopped})") from error
                 if time.monotonic() > give_up:
                     raise SiteFailure(
                         self, f"HTTP server on port {self.port} did not come up "
@@ -171,18 +226,49 @@ class Site:
     def get_data(self):
         return self._call_or_fail("GET", "data")
 
-    def post_data(self, payload, sender_id, memo):
+    def post_data(self, payload, sender_id, memo, sender_name=None):
         # The engine stores the decoded query value and looks it up as quote(memo): send the
         # quoted memo, URL-encoded once more, so that lookup matches for any memo.
         query = {"client": sender_id, "memo": urllib.parse.quote(memo)}
-        self._call_or_fail("POST", "data", body=payload, query=query,
-                           content_type="application/octet-stream")
+        try:
+            self._call_or_fail("POST", "data", body=payload, query=query,
+                               content_type="application/octet-stream",
+                               refused=f"{memo!r} from {sender_name or sender_id}")
+        except SiteFailure as failure:
+            if isinstance(failure.__cause__, urllib.error.HTTPError):
+                self._record_status()  # the refusal put the site into state error: keep its message
+            raise
+
+    def _record_status(self):
+        try:
+            self.get_status()
+        except SiteFailure:
+            pass
+
+
+def _is_timeout(error):
+    reason = getattr(error, "reason", error)
+    return isinstance(reason, TimeoutError) or isinstance(error, TimeoutError) \
+        or "timed out" in str(reason)
+
+
+def _error_body(error, limit=500):
+    try:
+        text = error.read().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - the code alone still says something
+        text = ""
+    # bottle wraps its error text in an HTML page: keep the <pre> part.
+    if "<pre>" in text:
+        text = text.split("<pre>", 1)[1].split("</pre>", 1)[0]
+    text = html.unescape(" ".join(text.split()))
+    return (text or str(error.reason))[:limit]
 
 
 def stop_sites(sites):
     """SIGTERM every site's process group, then SIGKILL whatever outlives the grace period."""
     for site in sites:
         site.signal_group(signal.SIGTERM)
+        site.signal_group(signal.SIGCONT)  # a stopped site handles SIGTERM only once continued
     give_up = time.monotonic() + STOP_GRACE_S
     for site in sites:
         if site.process is None:

@@ -140,7 +140,8 @@ def test_controller_and_browser_reach_the_app_through_nginx(stack):
     assert requests.post(f"{stack.api_url}/setup", json=setup, timeout=10).status_code == 200
 
     payload = os.urandom(PAYLOAD_BYTES)
-    sent = requests.post(f"{stack.api_url}/data", params={"client": SITE_ID, "memo": "probe"}, data=payload, timeout=10)
+    # A memo of the app's protocol from a client of the setup: any other is refused (issue 10).
+    sent = requests.post(f"{stack.api_url}/data", params={"client": SITE_ID, "memo": "summary"}, data=payload, timeout=10)
     assert sent.status_code == 200, f"POST /data of {PAYLOAD_BYTES} bytes: {sent.status_code}"
 
     live = poll_json(stack, f"{stack.web_url}/status.json", lambda body: body.get("state"), "a state on the page")
