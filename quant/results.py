@@ -57,7 +57,7 @@ def _deterministic_serialization_id(path) -> None:
     Path(path).write_bytes(with_digest_serialization_id(Path(path).read_bytes(), str(path)))
 
 
-def with_digest_serialization_id(archive_bytes: bytes, name: str) -> bytes:
+def with_digest_serialization_id(archive_bytes: bytes, label: str) -> bytes:
     """torch.jit.save and torch.export.save write a random `.data/serialization_id` record:
     replace it (same length, digits) by a digest of the archive's other records, and fix its
     CRC-32 in the local header, the data descriptor and the central directory."""
@@ -84,17 +84,19 @@ def with_digest_serialization_id(archive_bytes: bytes, name: str) -> bytes:
         position = start + size + (4 if data[start + size:start + size + 4] == b"PK\x07\x08" else 0)
         if struct.unpack_from("<I", data, position)[0] == old_crc:
             struct.pack_into("<I", data, position, crc)
-    name = target.filename.encode()
-    position = data.find(b"PK\x01\x02")
-    while position >= 0:
-        entry_name_length = struct.unpack_from("<H", data, position + 28)[0]
-        if bytes(data[position + 46:position + 46 + entry_name_length]) == name:
+    # The central directory's entry, walked from the end-of-directory record: a nested archive
+    # inside a record (torch.export keeps its sample inputs as one) may hold the same name.
+    end_of_directory = data.rfind(b"PK\x05\x06")
+    entries, position = struct.unpack_from("<HxxxxI", data, end_of_directory + 10)
+    for _ in range(entries):
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, position + 28)
+        if struct.unpack_from("<I", data, position + 42)[0] == header:
             struct.pack_into("<I", data, position + 16, crc)
             break
-        position = data.find(b"PK\x01\x02", position + 4)
+        position += 46 + name_length + extra_length + comment_length
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
         if archive.testzip() is not None:
-            raise QuantizationError(f"{name}: could not rewrite {_SERIALIZATION_ID}")
+            raise QuantizationError(f"{label}: could not rewrite {_SERIALIZATION_ID}")
     return bytes(data)
 
 
