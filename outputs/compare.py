@@ -40,7 +40,7 @@ def point_change(fp32, int8) -> str | None:
     """Accuracy (fractions) as a change in percentage points: point_change(0.955, 0.952) == "-0.30 pp"."""
     if not (_number(fp32) and _number(int8)):
         return None
-    return f"{100 * (int8 - fp32):+.2f} pp"
+    return f"{round(100 * (int8 - fp32), 2) + 0.0:+.2f} pp"  # + 0.0: no "-0.00" for a tiny loss
 
 
 def difference(fp32, int8) -> str | None:
