@@ -62,5 +62,18 @@ def test_every_site_holds_the_same_models(run):
     assert_every_site_holds_the_same_models(run.site_outputs)
 
 
+def test_every_site_writes_the_same_int8_bytes(run):
+    """TorchScript is written byte-deterministically: one SHA-256 says every site holds the
+    same model (metrics.json's, checked by the coordinator, and the file's own)."""
+    import quant
+
+    digests = {quant.sha256_of(site_dir / "model_int8.pt") for site_dir in run.site_outputs}
+    assert len(digests) == 1
+    for site_dir in run.site_outputs:
+        (artifact,) = read_metrics(site_dir)["artifacts"]
+        assert artifact["file"] == "model_int8.pt" and {artifact["sha256"]} == digests
+        assert artifact["accuracy"] == pytest.approx(read_metrics(site_dir)["int8"]["accuracy"], abs=1e-6)
+
+
 def test_saved_models_reproduce_the_reported_accuracy(run):
     assert_saved_models_reproduce_the_metrics(SAMPLE_CLIENTS, run.site_outputs, "x86")
