@@ -11,8 +11,11 @@ server's rule and quantization of DP weights keep the guarantee).
 
 What the guarantee does not cover is listed in README.md ("Differential privacy").
 """
+import secrets
 import warnings
 from dataclasses import dataclass
+
+import torch
 
 OPACUS_WARNINGS = (
     r".*Secure RNG turned off.*",
@@ -67,17 +70,24 @@ class PrivateTraining:
 
     def __init__(self, model, optimizer, train_loader, settings: DPSettings, total_epochs: int):
         from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
 
         check_model(model)
         self.settings = settings
         self.total_epochs = total_epochs
-        self.engine = PrivacyEngine(accountant="rdp")
+        # Noise and Poisson sampling draw from a generator seeded from the OS's entropy, not
+        # from the run's `seed`: config.yml is the same at every site, and noise that another
+        # site could replay would protect nothing. (So DP runs do not repeat bit for bit.)
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63))
         context = _quiet()
         try:
+            self.engine = PrivacyEngine(accountant="rdp")
+            loader = DPDataLoader.from_data_loader(train_loader, generator=self.generator)
             self.module, self.optimizer, self.loader = self.engine.make_private_with_epsilon(
-                module=model, optimizer=optimizer, data_loader=train_loader,
+                module=model, optimizer=optimizer, data_loader=loader,
                 target_epsilon=settings.epsilon, target_delta=settings.delta, epochs=total_epochs,
-                max_grad_norm=settings.max_grad_norm, poisson_sampling=True)
+                max_grad_norm=settings.max_grad_norm, poisson_sampling=False,
+                noise_generator=self.generator)
         finally:
             context.__exit__(None, None, None)
         self.sample_rate = 1 / len(train_loader)
