@@ -51,6 +51,8 @@ def run_one(client_dirs, overrides):
     return {"fp32": figures["fp32"]["accuracy"], "int8": figures["int8"]["accuracy"],
             "bytes_per_round": result["bytes_per_round"], "seconds_per_round": seconds_per_round,
             "epsilon_spent": max(spent) if spent else None,
+            # secure: JSON, fixed-point secret-shared sum and decoding of the update (per round)
+            "sum_seconds_per_round": result.get("sum_seconds_per_round"),
             "noise_multiplier": sites[0].dp_report["noise_multiplier"] if sites[0].dp_report else None}
 
 

@@ -3,7 +3,7 @@
 Routing by the status' `destination`, SMPC sums, and the byte counts the benchmarks report.
 """
 import json
-import secrets
+import os
 from collections import defaultdict
 from functools import reduce
 
@@ -43,7 +43,6 @@ def _from_fixed(value, scale):
 # Shares live modulo this prime (the Mersenne prime 2^127 - 1): far above any fixed-point sum
 # the app sends (< 2^63), so the signed sum is recovered exactly.
 PRIME = 2 ** 127 - 1
-_random = secrets.SystemRandom()
 
 
 def _flat(value):
@@ -65,10 +64,18 @@ def make_shares(fixed, n_shares):
     """Additive secret shares of the integers `fixed` modulo PRIME: n_shares - 1 uniformly random
     vectors and one that completes the sum. Any n_shares - 1 of them are uniformly random,
     whatever the values: one share alone says nothing about them."""
-    shares = [[_random.randrange(PRIME) for _ in fixed] for _ in range(n_shares - 1)]
-    last = [(value - sum(column)) % PRIME for value, column in zip(fixed, zip(*shares) if shares else
-                                                                      ([] for _ in fixed))]
-    return shares + [last]
+    shares = [_random_vector(len(fixed)) for _ in range(n_shares - 1)]
+    last = list(fixed)
+    for share in shares:
+        last = [value - random_value for value, random_value in zip(last, share)]
+    return shares + [[value % PRIME for value in last]]
+
+
+def _random_vector(n):
+    """n integers uniform in [0, PRIME) from the OS's CSPRNG (16 bytes each; the reduction's
+    bias is 2^-127)."""
+    data = os.urandom(16 * n)
+    return [int.from_bytes(data[i:i + 16], "little") % PRIME for i in range(0, 16 * n, 16)]
 
 
 def smpc_sum(payloads, exponent, shares_out=None):
@@ -89,7 +96,7 @@ def smpc_sum(payloads, exponent, shares_out=None):
     # Share-holder j only ever sees the j-th share of each site.
     holder_sums = [[sum(column) % PRIME for column in zip(*(shares[j] for shares in site_shares))]
                    for j in range(n)]
-    combined = [sum(column) % PRIME for column in zip(*holder_sums)]
+    combined = [sum(column) % PRIME for column in zip(*holder_sums)]  # the only decoded values
     signed = [value - PRIME if value > PRIME // 2 else value for value in combined]
     total = _shaped(iter(signed), fixed[0])
     return json.dumps(_from_fixed(total, scale)).encode()

@@ -45,7 +45,15 @@ def unsupported_layers(model):
     do not exist), one line each naming the layer; empty when DP-SGD can train it."""
     from opacus.validators import ModuleValidator
 
-    return [str(error) for error in ModuleValidator.validate(model, strict=False)]
+    problems = []
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue  # containers: their layers are checked one by one
+        for error in ModuleValidator.validate(module, strict=False):
+            problems.append(f"layer '{name}' ({type(module).__name__}): {str(error).strip()}")
+    if not problems:  # e.g. a container-level objection
+        problems = [str(error) for error in ModuleValidator.validate(model, strict=False)]
+    return problems
 
 
 def check_model(model):
