@@ -105,3 +105,13 @@ def test_federated_dp_with_secure_aggregation_reports_epsilon(tmp_path):
         assert 0 < report["epsilon_spent"] <= 4 * 1.001 and report["delta"] == 1e-4
         assert report["steps"] > 0 and report["sample_rate"] == pytest.approx(1 / len(site.inputs.train_loader))
     assert 0 <= figures["int8"]["accuracy"] <= 1
+
+
+def test_report_shows_the_spent_epsilon():
+    from outputs.report import _privacy_section
+
+    dp = {"epsilon_target": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.07,
+          "sample_rate": 0.024, "steps": 420, "epsilon_spent": 2.998}
+    section = _privacy_section({"secure_aggregation": False, "dp": dp})
+    assert "id='dp'" in section and "2.998" in section and "Not covered" in section
+    assert _privacy_section(None) == ""
