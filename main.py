@@ -18,8 +18,10 @@ from webui import live_status, web_server
 # The memos of ARCHITECTURE.md's message table; any other memo, or one from the wrong side,
 # is refused naming its sender (federation/engine.py).
 MESSAGES = {
-    "to_coordinator": ["summary", r"update_\d+", r"test_\d+", "calibration", "results"],
-    "from_coordinator": [r"global_\d+", "qparams", "final"],
+    "to_coordinator": ["summary", r"update_\d+", r"test_\d+", "calibration", "results",
+                       # secure_aggregation's sums (ARCHITECTURE.md, "Under secure_aggregation")
+                       "counts", "calibration_range"],
+    "from_coordinator": [r"global_\d+", "qparams", "final", "calibration_grid"],
 }
 
 

@@ -6,14 +6,17 @@ Every state runs at every site; inside `aggregate`, `quantize` and `write_result
 coordinator gathers and broadcasts. Messages are bytes made and read by
 `federation.messages.Codec` (safetensors + JSON metadata; never pickle); ARCHITECTURE.md lists them.
 """
+import json
 import os
+import time
 
 from FeatureCloud.app.engine.app import AppState, Role, State, app_state
 
 from federation import engine
 from federation.coordinator import Coordinator
+from federation.secure import SecureCoordinator, SecureSite
 from federation.site import Site
-from outputs.results import build_metrics, write_results
+from outputs.results import build_metrics, privacy_report, write_results
 from webui import live_status
 
 INPUT_DIR = os.environ.get("FC_INPUT_DIR", "/mnt/input")
@@ -40,6 +43,31 @@ class FederatedState(AppState):
         self.site.bytes_sent[memo] = len(data)
         self.broadcast_data(data, memo=memo)
 
+    # ---- secure aggregation (secure_aggregation: true): sums through the controller's SMPC ----
+    @property
+    def secure(self) -> SecureSite:
+        """This site's secure-aggregation side, or None when sums are not required."""
+        return self.load("secure")
+
+    @property
+    def secure_aggregator(self) -> SecureCoordinator:
+        return self.load("secure_aggregator")
+
+    def contribute(self, contribution):
+        """Send this site's share of a secure sum: JSON numbers, fixed point with the
+        contribution's exponent; the controller hands the coordinator only the sum."""
+        started = time.perf_counter()
+        size = len(json.dumps(contribution.vector))
+        self.configure_smpc(exponent=contribution.exponent)
+        self.send_data_to_coordinator(contribution.vector, memo=contribution.memo, use_smpc=True)
+        self.site.bytes_sent[contribution.memo] = size
+        self.secure.record(contribution, size, time.perf_counter() - started)
+
+    def gather_sum(self, memo):
+        """Coordinator: the controller's one aggregate under `memo` (JSON bytes)."""
+        (piece,) = engine.receive(self, memo, n=1)
+        return piece.data
+
     def gather(self, memo):
         """Coordinator: [(sender, bytes)] from every site, in client order."""
         return [(piece.sender, piece.data) for piece in engine.receive(self, memo, n=len(self.clients))]
@@ -53,6 +81,7 @@ class FederatedState(AppState):
         meta = self.site.receive_global(*self.await_broadcast(memo))
         if isinstance(meta.get("federation_accuracy"), float):
             live_status.update(federation_accuracy=meta["federation_accuracy"])
+        return meta
 
     def show(self, message, progress):
         self.update(message=message[:40], progress=progress, state=State.RUNNING)
@@ -76,12 +105,30 @@ class Initial(FederatedState):
         # No message is larger than a model update (weights + SCAFFOLD's controls + ranges).
         engine.limit_payload_bytes(engine.payload_limit_for(site.local_message().joined(), factor=3))
         live_status.update(max_iter=site.config.max_iter, round=0)
+        if site.config.secure_aggregation:
+            return self.start_secure(site)
+        self.store("secure", None)
         self.send_to_coordinator("summary", site.summary_message())
         if self.is_coordinator:
             self.store("aggregator", Coordinator(site))
             self.aggregator.check_summaries(self.gather("summary"))
             self.broadcast("global_0", self.aggregator.first_global())
         self.receive_global("global_0")
+        return "local_train"
+
+    def start_secure(self, site):
+        """Shapes in plain (no site's data), sample counts as a sum; the first global model
+        carries the federation's total the sites weight their updates by."""
+        secure = SecureSite(site, len(self.clients))
+        self.store("secure", secure)
+        self.send_to_coordinator("summary", secure.summary_message())
+        self.contribute(secure.counts())
+        if self.is_coordinator:
+            aggregator = SecureCoordinator(Coordinator(site))
+            self.store("secure_aggregator", aggregator)
+            aggregator.check_summaries(self.gather("summary"))
+            self.broadcast("global_0", aggregator.first_global(self.gather_sum("counts")))
+        secure.receive_totals(self.receive_global("global_0"))
         return "local_train"
 
 
@@ -95,6 +142,9 @@ class LocalTrain(FederatedState):
         self.show(f"round {round_number}/{self.site.config.max_iter}: training",
                   self.round_progress(round_number - 1))
         live_status.update(round=round_number)
+        if self.secure:
+            self.contribute(self.secure.update(f"update_{round_number}"))
+            return "aggregate"
         self.send_to_coordinator(f"update_{round_number}", self.site.train_round())
         return "aggregate"
 
@@ -106,6 +156,8 @@ class Aggregate(FederatedState):
         self.register_transition("quantize", Role.BOTH, label="rounds done")
 
     def run(self):
+        if self.secure:
+            return self.run_secure()
         round_number = self.site.round
         if self.is_coordinator:
             self.show(f"round {round_number}: averaging", self.round_progress(round_number))
@@ -121,6 +173,26 @@ class Aggregate(FederatedState):
             live_status.update(federation_accuracy=row["test_accuracy"])
         return "local_train" if round_number < self.site.config.max_iter else "quantize"
 
+    def run_secure(self):
+        """The same round from sums: the coordinator steps from the weighted average and
+        records the federation's figures without seeing any one site's."""
+        round_number = self.site.round
+        update_memo, test_memo = f"update_{round_number}", f"test_{round_number}"
+        if self.is_coordinator:
+            self.show(f"round {round_number}: averaging", self.round_progress(round_number))
+            self.broadcast(f"global_{round_number}",
+                           self.secure_aggregator.aggregate(self.gather_sum(update_memo), update_memo))
+        self.receive_global(f"global_{round_number}")
+        self.contribute(self.secure.test(test_memo))
+        live_status.update(site_accuracy=self.site.rounds[-1]["test_accuracy"])
+        if self.is_coordinator:
+            row = self.secure_aggregator.record_round(round_number, self.gather_sum(test_memo), test_memo)
+            self.log(f"federation round {round_number} (secure sums): train loss {row['train_loss']:.4f} "
+                     f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} "
+                     f"acc {row['test_accuracy']:.4f}")
+            live_status.update(federation_accuracy=row["test_accuracy"])
+        return "local_train" if round_number < self.site.config.max_iter else "quantize"
+
 
 @app_state("quantize", Role.BOTH)
 class Quantize(FederatedState):
@@ -129,10 +201,30 @@ class Quantize(FederatedState):
 
     def run(self):
         self.show("calibrating observers", 0.86)
+        if self.secure:
+            return self.run_secure()
         self.send_to_coordinator("calibration", self.site.calibration_message())
         if self.is_coordinator:
             self.broadcast("qparams", self.aggregator.merge_calibration(self.gather("calibration"),
                                                                           self.site.own_stats))
+        self.show("converting to int8", 0.9)
+        self.site.convert(*self.await_broadcast("qparams"))
+        return "write_results"
+
+    def run_secure(self):
+        """Two sums: magnitude counts give a common range, then histograms on it (no site's own
+        minimum or maximum leaves it); every site converts with the same statistics."""
+        own_stats = None
+        self.contribute(self.secure.calibration_range())
+        if self.is_coordinator:
+            own_stats = self.site.own_stats
+            self.broadcast("calibration_grid",
+                           self.secure_aggregator.calibration_grid(self.gather_sum("calibration_range"), own_stats))
+        self.secure.receive_grid(*self.await_broadcast("calibration_grid"))
+        self.contribute(self.secure.calibration())
+        if self.is_coordinator:
+            self.broadcast("qparams", self.secure_aggregator.merge_calibration(self.gather_sum("calibration"),
+                                                                               own_stats))
         self.show("converting to int8", 0.9)
         self.site.convert(*self.await_broadcast("qparams"))
         return "write_results"
@@ -147,12 +239,18 @@ class WriteResults(FederatedState):
         self.show("writing the int8 files", 0.91)
         self.site.export_int8(OUTPUT_DIR)
         self.show("measuring fp32 vs int8", 0.93)
-        self.send_to_coordinator("results", self.site.results_message())
-        if self.is_coordinator:
-            self.broadcast("final", self.aggregator.final(self.gather("results")))
+        if self.secure:
+            self.contribute(self.secure.results())
+            if self.is_coordinator:
+                self.broadcast("final", self.secure_aggregator.final(self.gather_sum("results")))
+        else:
+            self.send_to_coordinator("results", self.site.results_message())
+            if self.is_coordinator:
+                self.broadcast("final", self.aggregator.final(self.gather("results")))
         site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"), "final")
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
-                                site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation)
+                                site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation,
+                                privacy=privacy_report(site, self.secure))
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},

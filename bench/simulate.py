@@ -5,16 +5,20 @@ benchmarks need dozens of runs, so they call what the states call, in the states
 `Site` makes and reads its messages as bytes, the `Coordinator` decodes, checks, averages and
 steps. Only the controller's relaying is left out. Also: the bundled sample, pooled.
 """
+import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from federation.coordinator import Coordinator
+from federation.secure import SecureCoordinator, SecureSite
 from federation.site import Site
 from inputs.config import APP_KEY, CONFIG_FILE, read_app_section
+from testbed.relay import smpc_sum
 from testbed.site import merge_input_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +64,8 @@ def _pieces(messages):
 
 def run_rounds(sites):
     """The federated rounds as the states run them: federation rows and bytes per round."""
+    if sites[0].config.secure_aggregation:
+        return run_rounds_secure(sites)
     coordinator = Coordinator(sites[0])
     coordinator.check_summaries(_pieces(site.summary_message() for site in sites))
     start = coordinator.first_global()
@@ -84,9 +90,67 @@ def run_rounds(sites):
             "bytes_per_round": (sum(uplink) + len(sites) * sum(downlink)) / len(downlink)}
 
 
+def secure_sum(contributions):
+    """What the controller does with one SMPC memo: every site's JSON summed in fixed point
+    with additive secret shares (testbed.relay.smpc_sum); (aggregate bytes, bytes sent)."""
+    payloads = [json.dumps(contribution.vector).encode() for contribution in contributions]
+    (exponent,) = {contribution.exponent for contribution in contributions}
+    return smpc_sum(payloads, exponent), sum(map(len, payloads))
+
+
+def run_rounds_secure(sites):
+    """run_rounds under secure_aggregation: the states' secure path (Site -> SecureSite
+    contributions -> fixed-point sum -> SecureCoordinator), transport left out."""
+    secures = [SecureSite(site, len(sites)) for site in sites]
+    coordinator = SecureCoordinator(Coordinator(sites[0]))
+    coordinator.check_summaries(_pieces(secure.summary_message() for secure in secures))
+    counts, _ = secure_sum([secure.counts() for secure in secures])
+    start = coordinator.first_global(counts)
+    for site, secure in zip(sites, secures):
+        secure.receive_totals(site.receive_global("coordinator", start))
+    uplink, downlink, seconds = [], [], []
+    for round_number in range(1, sites[0].config.max_iter + 1):
+        contributions = []
+        for site, secure in zip(sites, secures):
+            site.start_round()
+            contributions.append(secure.update(f"update_{round_number}"))
+        started = time.perf_counter()
+        total, sent = secure_sum(contributions)
+        next_global = coordinator.aggregate(total, f"update_{round_number}")
+        seconds.append(time.perf_counter() - started)
+        uplink.append(sent / len(sites))
+        downlink.append(len(next_global))
+        for site in sites:
+            site.receive_global("coordinator", next_global)
+        tests, _ = secure_sum([secure.test(f"test_{round_number}") for secure in secures])
+        coordinator.record_round(round_number, tests, f"test_{round_number}")
+    rows = coordinator.rounds
+    sites[0].secure_run = (secures, coordinator)  # for quantize_sites
+    return {"rounds": rows, "accuracy": rows[-1]["test_accuracy"],
+            "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
+            "bytes_per_round": (len(sites) * sum(uplink) + len(sites) * sum(downlink)) / len(downlink),
+            "sum_seconds_per_round": statistics.mean(seconds)}
+
+
+def quantize_sites_secure(sites):
+    secures, coordinator = sites[0].secure_run
+    ranges, _ = secure_sum([secure.calibration_range() for secure in secures])
+    grid = coordinator.calibration_grid(ranges, sites[0].own_stats)
+    for secure in secures:
+        secure.receive_grid("coordinator", grid)
+    histograms, _ = secure_sum([secure.calibration() for secure in secures])
+    qparams = coordinator.merge_calibration(histograms, sites[0].own_stats)
+    for site in sites:
+        site.convert("coordinator", qparams)
+    results, _ = secure_sum([secure.results() for secure in secures])
+    return sites[0].codec.decode_report("coordinator", coordinator.final(results))["figures"]
+
+
 def quantize_sites(sites):
     """Federated calibration (post_static) or the QAT model, converted at every site; the
     federation-wide fp32 and int8 figures."""
+    if sites[0].config.secure_aggregation:
+        return quantize_sites_secure(sites)
     coordinator = Coordinator(sites[0])
     calibration = _pieces(site.calibration_message() for site in sites)
     qparams = coordinator.merge_calibration(calibration, sites[0].own_stats)

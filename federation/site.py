@@ -18,6 +18,7 @@ from inputs.site_inputs import SiteInputs, load_site_inputs
 from outputs.atomic import copy_file
 from training import evaluate
 from training.local import LocalTraining
+from training.privacy import DPSettings
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Site:
     predictions: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # compute time by activity
     bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
+    dp_report: dict = None                      # DP-SGD: budget, noise, epsilon spent
 
     @classmethod
     def load(cls, input_dir):
@@ -43,7 +45,8 @@ class Site:
         config = inputs.config
         local = LocalTraining(inputs.model, inputs.train_loader, inputs.train_function, config.epochs,
                               config.learning_rate, inputs.device, config.keep_optimizer_state,
-                              config.mu, scaffold=config.aggregation == "scaffold")
+                              config.mu, scaffold=config.aggregation == "scaffold",
+                              dp=DPSettings.from_config(config.dp), total_epochs=config.max_iter * config.epochs)
         recipe = quant.Int8Recipe(config.quant_type, config.backend, inputs.example_inputs,
                                   config.qat_schedule())
         site = cls(inputs, local, recipe, Codec(config.communication))
@@ -87,6 +90,10 @@ class Site:
     def train_round(self):
         """Train the global model on this site's data; the update message, with the model's
         loss and accuracy on the train set (measured the same way for any train function)."""
+        return self.codec.encode_model(self.train_round_message())
+
+    def train_round_message(self):
+        """`train_round`'s update as a ModelMessage (secure aggregation sends it as a sum)."""
         with self.timed("train"):
             self.local.train_round(self.server_control)
         with self.timed("evaluate"):
@@ -98,7 +105,7 @@ class Site:
         # What every model message must look like from now on (QAT's per-channel ranges take
         # their shape when they first see data, i.e. in the first QAT round's training).
         self.codec.expect(update)
-        return self.codec.encode_model(update)
+        return update
 
     def receive_global(self, sender, data):
         """Load the coordinator's global model; return its metadata."""
@@ -110,19 +117,27 @@ class Site:
 
     def evaluate_global(self):
         """The test-figures message of the just-received global model."""
+        return self.codec.encode_report(self.evaluate_global_figures())
+
+    def evaluate_global_figures(self):
         with self.timed("evaluate"):
             result = self.local.evaluate(self.inputs.test_loader)
         self.rounds[-1].update(test_loss=result.loss, test_accuracy=result.accuracy)
-        return self.codec.encode_report({"test_loss": result.loss, "test_accuracy": result.accuracy,
-                                         "n_test": self.inputs.test_info.n})
+        return {"test_loss": result.loss, "test_accuracy": result.accuracy, "n_test": self.inputs.test_info.n}
 
     # ---- quantization -------------------------------------------------------------------
     def calibration_message(self):
         """post_static: observer statistics of this site's train data; QAT: none."""
+        self.finish_training()
         with self.timed("quantize"):
             batches = (inputs for inputs, _ in self.inputs.train_loader)
             self.own_stats = self.recipe.calibrate(self.inputs.model, batches, self.config.calibration_batches)
         return self.codec.encode_stats(self.own_stats)
+
+    def finish_training(self):
+        """After the last round: DP-SGD's hooks removed, its budget report kept."""
+        if self.dp_report is None:
+            self.dp_report = self.local.finish_private_training()
 
     def convert(self, sender, data):
         """Convert to int8 with the federation's statistics (the coordinator's `qparams`)."""
@@ -145,6 +160,9 @@ class Site:
 
     def results_message(self):
         """fp32 vs int8 on this site's test set: accuracy, loss, size, latency; and the int8 files."""
+        return self.codec.encode_report(self.measure_results())
+
+    def measure_results(self):
         batch = next(iter(self.inputs.test_loader))[0]
         self.results = {"n_train": self.inputs.train_info.n, "n_test": self.inputs.test_info.n,
                         "seconds": dict(self.seconds), "artifacts": self.artifacts}
@@ -155,4 +173,4 @@ class Site:
                                        "size_bytes": quant.state_dict_size_bytes(model),
                                        "latency_ms": quant.latency_ms(model, batch)}
         self.predictions["true"] = result.y_true
-        return self.codec.encode_report(self.results)
+        return self.results

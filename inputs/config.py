@@ -79,6 +79,10 @@ class AppConfig:
     # conversion, writing outputs) that runs longer is taken to hang: the site stops with an
     # error naming the phase and the file (federation/engine.py's watchdog).
     watchdog_seconds: float = 3600
+    # Privacy (docs/privacy.md): sums through FeatureCloud's SMPC instead of single updates,
+    # and sample-level DP-SGD (Opacus) at every site: {epsilon, delta, max_grad_norm}.
+    secure_aggregation: bool = False
+    dp: dict | None = None
 
     def qat_schedule(self):
         """(first QAT round, BatchNorm freeze round, observer freeze round).
@@ -142,6 +146,9 @@ _RULES = {
     "max_site_weight": ((int, float, type(None)), lambda v: v is None or 0 < v <= 1,
                         "a number in (0, 1] (a share of the total averaging weight), or null for no cap"),
     "watchdog_seconds": ((int, float), lambda v: v > 0, "a number of seconds > 0"),
+    "secure_aggregation": ((bool,), lambda v: True, "true or false"),
+    "dp": ((dict, type(None)), lambda v: v is None or _dp_problem(v) is None,
+           "null, or {epsilon: number > 0, delta: number in (0, 1), max_grad_norm: number > 0}"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
@@ -255,17 +262,90 @@ def parse_config(document, path=CONFIG_FILE):
             raise InputError(path, "required key is missing", key=key)
     for key, value in section.items():
         _check_value(key, value, path)
+    if section.get("dp") is not None:
+        section["dp"] = {**DP_DEFAULTS, **section["dp"]}
     if "server_betas" in section:
         section["server_betas"] = tuple(section["server_betas"])  # frozen config, hashable
     config = AppConfig(**section)
     if config.quant_type == "qat" and config.qat_warmup_rounds >= config.max_iter:
         raise InputError(path, f"must be less than max_iter ({config.max_iter}), so that some "
                          "rounds train with fake quantization", key="qat_warmup_rounds")
+    _check_privacy(config, path)
     if config.aggregation == "scaffold" and config.quant_type == "qat":
         # QAT renames the trained parameters mid-run; control variates are kept by name.
         raise InputError(path, "scaffold does not combine with quant_type: qat (use fedavg, "
                          "fedavgm or fedadam, or quant_type: post_static)", key="aggregation")
     return config
+
+
+DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0}
+_DP_KEYS = ("epsilon", "delta", "max_grad_norm")
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _dp_problem(dp):
+    """Why a `dp:` mapping is not valid, or None (delta and max_grad_norm have defaults)."""
+    unknown = sorted(str(key) for key in dp if key not in _DP_KEYS)
+    if unknown:
+        return f"unknown key(s) {', '.join(unknown)}"
+    dp = {**DP_DEFAULTS, **dp}
+    if not _number(dp.get("epsilon")) or not 0 < dp["epsilon"] < float("inf"):
+        return "epsilon must be a number > 0"
+    if not _number(dp["delta"]) or not 0 < dp["delta"] < 1:
+        return "delta must be a number in (0, 1)"
+    if not _number(dp["max_grad_norm"]) or not 0 < dp["max_grad_norm"] < float("inf"):
+        return "max_grad_norm must be a number > 0"
+    return None
+
+
+def _check_privacy(config, path):
+    """Settings that secure aggregation or DP cannot honour are refused before anything runs."""
+    if config.secure_aggregation:
+        refusals = {
+            "communication": (config.communication == "int8",
+                              "secure_aggregation: true does not combine with communication: int8 "
+                              "(int8 deltas carry each site's own per-channel scales, which the "
+                              "controller cannot sum; use communication: float32)"),
+            "quant_type": (config.quant_type == "qat",
+                           "secure_aggregation: true does not combine with quant_type: qat (QAT "
+                           "merges every site's fake-quantization ranges by their minimum and "
+                           "maximum, which a sum cannot give without revealing each site's "
+                           "extremes; use quant_type: post_static, calibrated from summed "
+                           "histograms)"),
+            # robust_aggregation belongs to another part of the app; whatever it is, a rule that
+            # looks at single updates cannot work on their sum.
+            "robust_aggregation": (getattr(config, "robust_aggregation", None) not in (None, "none"),
+                                   "secure_aggregation: true does not combine with robust "
+                                   "aggregation (it inspects every site's own update, which "
+                                   "secure aggregation hides from the coordinator; use "
+                                   "robust_aggregation: none)"),
+        }
+        for key, (refused, why) in refusals.items():
+            if refused:
+                raise InputError(path, why, key="secure_aggregation")
+    if config.dp is not None:
+        refusals = (
+            (config.quant_type == "qat",
+             "dp does not combine with quant_type: qat (Opacus computes per-sample gradients only "
+             "for the layers it knows; QAT's fused fake-quantized layers, e.g. ConvReLU2d, are not "
+             "among them, so clipping could not be guaranteed; use quant_type: post_static)"),
+            (config.train_function is not None,
+             "dp does not combine with train_function (the app cannot guarantee that your "
+             "function clips per-sample gradients and adds the calibrated noise; DP runs the "
+             "app's own training loop)"),
+            (config.aggregation == "scaffold",
+             "dp does not combine with aggregation: scaffold (its control variates are raw mean "
+             "gradients of the site's data and would leave the site without noise)"),
+            (config.mu != 0,
+             "dp does not combine with mu > 0 (FedProx's proximal gradient would bypass Opacus' "
+             "per-sample clipping)"),
+        )
+        for refused, why in refusals:
+            if refused:
+                raise InputError(path, why, key="dp")
 
 
 def _app_section(document, path):

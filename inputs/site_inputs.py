@@ -15,6 +15,7 @@ from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
 from inputs.train_function import check_train_function_supports, load_train_function
 from training import make_loader, seed_everything, train
+from training.privacy import unsupported_layers
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ def load_site_inputs(input_dir) -> SiteInputs:
     test_loader = make_loader(test_set, config.batch_size, shuffle=False)
     n_classes = max(train_info.n_classes, test_info.n_classes)
     check_model_on_data(model, next(iter(train_loader))[0], n_classes, input_dir / config.model)
+    if config.dp is not None:
+        problems = unsupported_layers(model)
+        if problems:
+            raise InputError(input_dir / CONFIG_FILE, "Opacus cannot compute per-sample gradients for "
+                             f"the model in {config.model}: {'; '.join(problems)}. Replace these layers "
+                             "(e.g. BatchNorm by GroupNorm, as Opacus' ModuleValidator.fix does) or "
+                             "set dp: null", key="dp")
     train_function = train
     if config.train_function:
         path = input_dir / config.train_function

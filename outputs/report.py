@@ -73,6 +73,7 @@ def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: st
         _rounds_section(metrics, rounds_png),
         _sites_section(metrics),
         _confusion_section(labels, counts),
+        _privacy_section(metrics.get("privacy")),
         _config_section(config_text),
     ]
     page = _page(f"Federated training report: site {_site_id(metrics)}", sections)
@@ -242,6 +243,51 @@ def _confusion_section(labels, counts):
         f"The diagonal holds the correct predictions ({correct} of {total}, {accuracy}); a "
         f"dark cell off the diagonal is a pair of classes the model confuses.</p>",
     ])
+
+
+def _privacy_section(privacy):
+    """Which messages were secure-aggregated and what that cost; DP's budget (metrics.json's
+    "privacy"); nothing when neither was on."""
+    if not privacy:
+        return ""
+    parts = ["<h2>Privacy</h2>"]
+    if privacy.get("secure_aggregation"):
+        head = ("<tr><th class='row-label'>Message</th><th>sent as</th><th>JSON bytes</th>"
+                "<th>plain bytes</th><th>JSON vs plain</th><th>fixed-point decimals</th></tr>")
+        rows = []
+        for memo, entry in (privacy.get("secure_messages") or {}).items():
+            ratio = entry["json_bytes"] / entry["plain_bytes"] if entry.get("plain_bytes") else None
+            rows.append(f"<tr><td class='row-label'>{_text(memo)}</td><td>secure sum (SMPC)</td>"
+                        f"<td>{entry['json_bytes']:,}</td><td>{entry['plain_bytes']:,}</td>"
+                        f"<td>{MISSING if ratio is None else f'{ratio:.1f}x'}</td>"
+                        f"<td>{entry['exponent']}</td></tr>")
+        for memo in privacy.get("plain_messages") or []:
+            rows.append(f"<tr><td class='row-label'>{_text(memo)}</td><td>plain (no site's data)</td>"
+                        f"<td colspan='4'></td></tr>")
+        totals = privacy.get("secure_bytes") or {}
+        parts += [
+            f"<table id='secure-messages'>{head}{''.join(rows)}</table>",
+            "<p class='caption'>Secure aggregation: every message the coordinator only needs summed "
+            "went through FeatureCloud's SMPC (fixed point, secret shares); the coordinator saw only "
+            "the federation's sums, never this site's update, figures or calibration statistics. "
+            f"They cost {_count(totals.get('json'))} JSON bytes from this site against "
+            f"{_count(totals.get('plain_equivalent'))} as plain safetensors messages"
+            + (f" ({totals['ratio']:.1f}x)" if totals.get("ratio") else "") + ".</p>"]
+    dp = privacy.get("dp")
+    if dp:
+        rows = [("Budget (epsilon, delta)", f"{dp['epsilon_target']:g}, {dp['delta']:g}"),
+                ("Epsilon spent (RDP accountant)", f"{dp['epsilon_spent']:.3f}"),
+                ("Noise multiplier", f"{dp['noise_multiplier']:.3f}"),
+                ("Per-sample clipping norm", f"{dp['max_grad_norm']:g}"),
+                ("Sampling rate, steps", f"{dp['sample_rate']:.4f}, {dp['steps']}")]
+        body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"
+                       for name, value in rows)
+        parts += [f"<table class='summary' id='dp'>{body}</table>",
+                  "<p class='caption'>Sample-level differential privacy (DP-SGD, Opacus) for this "
+                  "site's training samples over the whole run. Not covered: the train and test "
+                  "figures, the sample counts and the calibration statistics (README.md, "
+                  "\"Differential privacy\").</p>"]
+    return "".join(parts)
 
 
 def _config_section(config_text):

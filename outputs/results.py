@@ -26,9 +26,10 @@ def write_results(output_dir, config_file, float_model, metrics, predictions):
     write_report(output_dir, metrics, predictions["true"], predictions["int8"], Path(config_file).read_text())
 
 
-def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation):
-    """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config."""
-    return {
+def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation, privacy=None):
+    """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config
+    (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget)."""
+    metrics = {
         "site": site_info,
         "backend": config.backend,
         "quant_type": config.quant_type,
@@ -45,6 +46,26 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
                        "sites": federation.get("sites", [])},
         "config": config.to_dict(),
     }
+    if privacy is not None:
+        metrics["privacy"] = privacy
+    return metrics
+
+
+def privacy_report(site, secure=None):
+    """What metrics.json says about privacy: the secure-aggregated messages (JSON bytes sent
+    against what the same content costs as a plain safetensors message, the fixed-point
+    exponent, the time to send) and this site's DP budget (epsilon spent), or None."""
+    if secure is None and site.dp_report is None:
+        return None
+    report = {"secure_aggregation": secure is not None, "dp": site.dp_report}
+    if secure is not None:
+        json_bytes = sum(entry["json_bytes"] for entry in secure.sent.values())
+        plain_bytes = sum(entry["plain_bytes"] for entry in secure.sent.values())
+        report.update(secure_messages=secure.sent,
+                      plain_messages=sorted(memo for memo in site.bytes_sent if memo not in secure.sent),
+                      secure_bytes={"json": json_bytes, "plain_equivalent": plain_bytes,
+                                    "ratio": json_bytes / plain_bytes if plain_bytes else None})
+    return report
 
 
 def metrics_json(metrics):

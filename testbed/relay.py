@@ -3,6 +3,7 @@
 Routing by the status' `destination`, SMPC sums, and the byte counts the benchmarks report.
 """
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import reduce
@@ -40,14 +41,66 @@ def _from_fixed(value, scale):
     return value / scale
 
 
-def smpc_sum(payloads, exponent):
-    """Element-wise sum of JSON payloads in fixed point with `exponent` decimal digits.
+# Shares live modulo this prime (the Mersenne prime 2^127 - 1): far above any fixed-point sum
+# the app sends (< 2^63), so the signed sum is recovered exactly.
+PRIME = 2 ** 127 - 1
 
-    Summing the values equals summing their secret shares, so no shares are made locally.
-    """
+
+def _flat(value):
+    if isinstance(value, list):
+        for item in value:
+            yield from _flat(item)
+    else:
+        yield value
+
+
+def _shaped(values, like):
+    """`values` (an iterator) in the nesting of `like`."""
+    if isinstance(like, list):
+        return [_shaped(values, item) for item in like]
+    return next(values)
+
+
+def make_shares(fixed, n_shares):
+    """Additive secret shares of the integers `fixed` modulo PRIME: n_shares - 1 uniformly random
+    vectors and one that completes the sum. Any n_shares - 1 of them are uniformly random,
+    whatever the values: one share alone says nothing about them."""
+    shares = [_random_vector(len(fixed)) for _ in range(n_shares - 1)]
+    last = list(fixed)
+    for share in shares:
+        last = [value - random_value for value, random_value in zip(last, share)]
+    return shares + [[value % PRIME for value in last]]
+
+
+def _random_vector(n):
+    """n integers uniform in [0, PRIME) from the OS's CSPRNG (16 bytes each; the reduction's
+    bias is 2^-127)."""
+    data = os.urandom(16 * n)
+    return [int.from_bytes(data[i:i + 16], "little") % PRIME for i in range(0, 16 * n, 16)]
+
+
+def smpc_sum(payloads, exponent, shares_out=None):
+    """Element-wise sum of JSON payloads in fixed point with `exponent` decimal digits, as the
+    controller computes it: each site's numbers become fixed-point integers and are split into
+    one additive share per site (modulo PRIME); share-holder j sums the j-th shares of every
+    site; the share-holders' sums combined give the sum, and only the sum is decoded.
+    `shares_out`, a list, receives every site's shares (tests look at them)."""
     scale = 10 ** int(exponent)
-    fixed = [_to_fixed(json.loads(payload), scale) for payload in payloads]
-    return json.dumps(_from_fixed(reduce(_add, fixed), scale)).encode()
+    documents = [json.loads(payload) for payload in payloads]
+    fixed = [_to_fixed(document, scale) for document in documents]
+    reduce(_add, fixed)  # the shapes must agree (ValueError otherwise)
+    n = len(payloads)
+    flat = [list(_flat(values)) for values in fixed]
+    site_shares = [make_shares(values, n) for values in flat]
+    if shares_out is not None:
+        shares_out.extend(site_shares)
+    # Share-holder j only ever sees the j-th share of each site.
+    holder_sums = [[sum(column) % PRIME for column in zip(*(shares[j] for shares in site_shares))]
+                   for j in range(n)]
+    combined = [sum(column) % PRIME for column in zip(*holder_sums)]  # the only decoded values
+    signed = [value - PRIME if value > PRIME // 2 else value for value in combined]
+    total = _shaped(iter(signed), fixed[0])
+    return json.dumps(_from_fixed(total, scale)).encode()
 
 
 @dataclass(frozen=True)
@@ -71,6 +124,8 @@ class Relay:
         self.relay_filter = relay_filter
         self.bytes_by_memo = defaultdict(int)
         self.smpc_pending = {}  # memo -> {site index: payload}
+        # What each site received: {receiver index: [{memo, sender, smpc_aggregate, bytes}]}.
+        self.received = defaultdict(list)
 
     @property
     def bytes_relayed(self):
@@ -129,9 +184,12 @@ class Relay:
             sender_id, sender_name = str(claimed), f"{str(claimed)!r} (sent by {sender.name})"
         self._deliver(sender_id, receiver, delivery.memo or memo, delivery.payload, sender_name)
 
-    def _deliver(self, sender_id, receiver, memo, payload, sender_name=None):
+    def _deliver(self, sender_id, receiver, memo, payload, sender_name=None, smpc_aggregate=False):
         receiver.post_data(payload, sender_id, memo, sender_name)
         self.bytes_by_memo[memo] += len(payload)
+        sender = next((site.index for site in self.sites if site.id == sender_id), None)
+        self.received[receiver.index].append({"memo": memo, "sender": sender, "smpc_aggregate": smpc_aggregate,
+                                              "bytes": len(payload)})
 
     def _collect_smpc(self, sender, smpc, memo, payload):
         if smpc.get("operation", "add") != "add" or smpc.get("serialization", "json") != "json":
@@ -151,4 +209,5 @@ class Relay:
             raise SiteFailure(sender, f"SMPC payloads for memo {memo!r} cannot be summed: "
                                       f"{error}") from error
         # The aggregate comes from no single site; it is posted in the coordinator's name.
-        self._deliver(self.coordinator.id, self.coordinator, memo, total, "the controller (SMPC sum)")
+        self._deliver(self.coordinator.id, self.coordinator, memo, total, "the controller (SMPC sum)",
+                      smpc_aggregate=True)

@@ -1,4 +1,5 @@
 """run_federation: N sites as local processes, driven the way the FeatureCloud controller does."""
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,10 @@ class FederationResult:
     bytes_relayed: int  # every payload body the controller POSTed to a site
     bytes_by_memo: dict[str, int] = field(default_factory=dict)
     last_status: list[dict | None] = field(default_factory=list)  # per site
+    # What each site received from the controller, by 1-based site index: [{memo, sender (site
+    # index), smpc_aggregate (the SMPC sum, posted in the coordinator's name), bytes}];
+    # also written to out_dir/received.json.
+    received: dict[int, list] = field(default_factory=dict)
 
 
 class RunTimeout(Exception):
@@ -138,7 +143,10 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
         ok=ok, failed_site=failed_site, message=message, site_outputs=site_outputs,
         log_paths=[site.log_path for site in sites], wall_time_s=time.monotonic() - started,
         bytes_relayed=relay.bytes_relayed, bytes_by_memo=dict(relay.bytes_by_memo),
-        last_status=[site.last_status for site in sites])
+        last_status=[site.last_status for site in sites], received=dict(relay.received))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "received.json").write_text(json.dumps({f"client_{index}": deliveries for index, deliveries
+                                                       in sorted(result.received.items())}, indent=1))
     if not ok and not quiet:
         print(failure_report(result, sites), flush=True)
     return result

@@ -7,6 +7,7 @@ import torch
 
 from inputs.train_function import call_train_function
 from training.loop import evaluate, make_optimizer
+from training.privacy import DPSettings, PrivateTraining
 from training.scaffold import ControlVariates
 
 
@@ -23,6 +24,9 @@ class LocalTraining:
     scaffold: bool = False       # SCAFFOLD's gradient correction
     optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
     control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
+    dp: DPSettings = None        # sample-level DP-SGD (Opacus) for the whole run (None: off)
+    total_epochs: int = None     # every epoch of the run (rounds x epochs), for DP's accounting
+    private: PrivateTraining = None
 
     def replace_model(self, model):
         """Train `model` from now on (QAT starts): it has new parameter objects, so a kept
@@ -43,6 +47,9 @@ class LocalTraining:
         # SCAFFOLD: the correction c - c_i; it records the round's gradients, whose mean is
         # this site's next c_i.
         control = ControlVariates(server_control or {}, self.local_control()) if self.scaffold else None
+        if self.dp is not None:
+            self._train_private_round()
+            return
         with self.on_device() as device:
             call_train_function(self.train_function, self.model, self.train_loader, self.epochs,
                                 self.learning_rate, optimizer=self._round_optimizer(), device=device,
@@ -50,6 +57,25 @@ class LocalTraining:
         if control is not None:
             self.control = control.updated_local(
                 {name: parameter.shape for name, parameter in self.model.named_parameters()})
+
+    def _train_private_round(self):
+        """DP-SGD with the app's own loop (config refuses DP with a custom train function,
+        FedProx and SCAFFOLD): Opacus' model, optimizer and Poisson-sampled loader, made once
+        for the whole run so that the accountant sees every step."""
+        with self.on_device() as device:
+            if self.private is None:
+                self.private = PrivateTraining(self.model, make_optimizer(self.model, self.learning_rate),
+                                               self.train_loader, self.dp, self.total_epochs or self.epochs)
+            elif not self.keep_optimizer_state:
+                self.private.reset_optimizer_state()
+            self.private.train(self.train_function, self.epochs, self.learning_rate, device)
+
+    def finish_private_training(self):
+        """The model without Opacus' hooks (before quantization copies it); DP's report."""
+        if self.private is None:
+            return None
+        self.private.close()
+        return self.private.report()
 
     def evaluate(self, loader):
         """Loss and accuracy of the current model on `loader` (training.Evaluation)."""
