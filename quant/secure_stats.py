@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import QuantizationError
+from .stats import rebinned
 
 # Power-of-two buckets 2^K_MIN .. 2^K_MAX for the magnitude of activations.
 K_MIN, K_MAX = -32, 31
@@ -110,19 +111,6 @@ def grid_from_counts(summed: np.ndarray, paths: list) -> dict:
     return grid
 
 
-def _rebinned(histogram: np.ndarray, low: float, high: float, edges: np.ndarray) -> np.ndarray:
-    """`histogram` over [low, high] spread onto bins with `edges`, uniform within a source bin
-    (the exact merge's rule, quant/stats.py)."""
-    if high <= low:  # all mass at one point
-        index = np.searchsorted(edges, low, side="right") - 1
-        result = np.zeros(len(edges) - 1)
-        result[min(max(index, 0), len(result) - 1)] = histogram.sum()
-        return result
-    source_edges = np.linspace(low, high, len(histogram) + 1)
-    cumulative = np.concatenate([[0.0], np.cumsum(histogram)])
-    return np.diff(np.interp(edges, source_edges, cumulative))
-
-
 def histograms_on_grid(stats: dict, grid: dict, fine_bins: int = FINE_BINS) -> np.ndarray:
     """This site's histograms re-binned onto `fine_bins` bins on each observer's [low, high];
     one flat float64 vector (observers in sorted order)."""
@@ -141,7 +129,7 @@ def histograms_on_grid(stats: dict, grid: dict, fine_bins: int = FINE_BINS) -> n
         if site_low < low or site_high > high:
             raise QuantizationError(f"secure aggregation: observer '{path}' saw [{site_low}, "
                                     f"{site_high}], outside the federation's grid [{low}, {high}]")
-        parts.append(_rebinned(observer["histogram"].double().numpy(), site_low, site_high, edges))
+        parts.append(rebinned(observer["histogram"].double().numpy(), site_low, site_high, edges))
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -165,7 +153,7 @@ def stats_from_summed_histograms(summed: np.ndarray, grid: dict, template: dict,
         if low == 0.0 and first == 0:
             new_low = 0.0  # keep an exact 0 (ReLU outputs): the exact merge has it too
         bins = observer["histogram"].numel()
-        histogram = _rebinned(fine[first:last + 1], new_low, new_high, np.linspace(new_low, new_high, bins + 1))
+        histogram = rebinned(fine[first:last + 1], new_low, new_high, np.linspace(new_low, new_high, bins + 1))
         merged[f"{path}.histogram"] = torch.from_numpy(histogram).to(torch.float32).contiguous()
         merged[f"{path}.min_val"] = torch.tensor(new_low, dtype=torch.float32)
         merged[f"{path}.max_val"] = torch.tensor(new_high, dtype=torch.float32)

@@ -58,7 +58,7 @@ def _initialized(min_val: torch.Tensor, max_val: torch.Tensor) -> bool:
     return min_val.numel() > 0 and bool(torch.isfinite(min_val).all() and torch.isfinite(max_val).all())
 
 
-def _rebinned(histogram: np.ndarray, low: float, high: float, edges: np.ndarray) -> np.ndarray:
+def rebinned(histogram: np.ndarray, low: float, high: float, edges: np.ndarray) -> np.ndarray:
     """`histogram` over [low, high] spread onto bins with `edges`, counts uniform within a bin."""
     if high <= low:  # all mass at one point
         index = np.searchsorted(edges, low, side="right") - 1
@@ -86,7 +86,7 @@ def _merge_histograms(path: str, sites: list) -> dict:
         edges = np.linspace(low, high, num_bins + 1)
         merged = np.zeros(num_bins)
         for site in seen:  # fixed order: deterministic float sums
-            merged += _rebinned(site["histogram"].double().numpy(), float(site["min_val"]), float(site["max_val"]), edges)
+            merged += rebinned(site["histogram"].double().numpy(), float(site["min_val"]), float(site["max_val"]), edges)
     return {
         "histogram": torch.from_numpy(merged).to(torch.float32),
         "min_val": torch.tensor(low, dtype=torch.float32),
