@@ -81,8 +81,16 @@ def _fsync_dir(directory):
 def _temporary_in(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); outputs get the modes a plain open() would give.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(temporary)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path):

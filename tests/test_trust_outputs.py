@@ -41,6 +41,14 @@ def test_a_file_is_replaced_whole(tmp_path):
     assert os.listdir(path.parent) == ["metrics.json"]  # no temporary file left
 
 
+def test_a_file_gets_the_modes_a_plain_write_would_give(tmp_path):
+    """Not mkstemp's private 0600: the outputs are read by whoever collects them."""
+    plain, atomic_file = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    write_text(atomic_file, "x")
+    assert atomic_file.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "model_int8.pt"
     write_bytes(path, b"complete")
