@@ -132,6 +132,15 @@ def run_rounds_secure(sites):
             "sum_seconds_per_round": statistics.mean(seconds)}
 
 
+def convert_and_export(sites, qparams):
+    """Every site converts with the federation's statistics, then writes its int8 files and
+    measures each in its own runtime (in a temporary dir), as the app's states do."""
+    with tempfile.TemporaryDirectory() as output:
+        for index, site in enumerate(sites, start=1):
+            site.convert("coordinator", qparams)
+            site.export_int8(Path(output) / f"client_{index}")
+
+
 def quantize_sites_secure(sites):
     secures, coordinator = sites[0].secure_run
     ranges, _ = secure_sum([secure.calibration_range() for secure in secures])
@@ -140,8 +149,7 @@ def quantize_sites_secure(sites):
         secure.receive_grid("coordinator", grid)
     histograms, _ = secure_sum([secure.calibration() for secure in secures])
     qparams = coordinator.merge_calibration(histograms, sites[0].own_stats)
-    for site in sites:
-        site.convert("coordinator", qparams)
+    convert_and_export(sites, qparams)
     results, _ = secure_sum([secure.results() for secure in secures])
     return sites[0].codec.decode_report("coordinator", coordinator.final(results))["figures"]
 
@@ -154,8 +162,7 @@ def quantize_sites(sites):
     coordinator = Coordinator(sites[0])
     calibration = _pieces(site.calibration_message() for site in sites)
     qparams = coordinator.merge_calibration(calibration, sites[0].own_stats)
-    for site in sites:
-        site.convert("coordinator", qparams)
+    convert_and_export(sites, qparams)
     final = coordinator.final(_pieces(site.results_message() for site in sites))
     return sites[0].codec.decode_report("coordinator", final, "final")["figures"]
 

@@ -145,11 +145,12 @@ class ListOf:
 FIGURES = {"accuracy": fraction(), "loss": non_negative()}
 # The int8 model's files, each measured in its own runtime (quant.measure_artifact); the SHA-256
 # lets the coordinator see that every site holds the same bytes.
+HEX_DIGEST = Field("64 hexadecimal digits", lambda v: isinstance(v, str) and len(v) == 64
+                   and all(c in "0123456789abcdef" for c in v))
 ARTIFACT_NAMES = ("model_int8.pt", "model_int8.pte", "model_int8.onnx", "model_int8.pt2")
 ARTIFACT = Record({"file": Field(f"one of {', '.join(ARTIFACT_NAMES)}", lambda v: v in ARTIFACT_NAMES),
                    "accuracy": fraction(), "size_bytes": count(10 ** 12),
-                   "sha256": Field("64 hexadecimal digits", lambda v: isinstance(v, str) and len(v) == 64
-                                   and all(c in "0123456789abcdef" for c in v))})
+                   "sha256": HEX_DIGEST, "digest": HEX_DIGEST})
 ARTIFACTS = ListOf(ARTIFACT, len(ARTIFACT_NAMES))
 ROUND_ROW = Record({"round": count(MAX_ROUNDS), "train_loss": non_negative(), "train_accuracy": fraction(),
                     "test_loss": non_negative(), "test_accuracy": fraction()})

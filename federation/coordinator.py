@@ -134,15 +134,16 @@ def _check_senders(pieces, kind):
 
 
 def _check_same_files(own, theirs, sender):
-    """Every site must end with the very same int8 files: their SHA-256 says so in one line."""
-    mine = {row["file"]: row["sha256"] for row in own}
-    other = {row["file"]: row["sha256"] for row in theirs}
+    """Every site must end with the very same int8 files: their digests (quant.model_digest:
+    the SHA-256, canonical for TorchScript) say so in one line."""
+    mine = {row["file"]: row["digest"] for row in own}
+    other = {row["file"]: row["digest"] for row in theirs}
     if set(mine) != set(other):
         raise SiteMismatchError(f"site {sender} wrote the int8 files {sorted(other)}, the coordinator "
                                 f"{sorted(mine)}", sender, "other int8 files")
     for name, digest in mine.items():
         if other[name] != digest:
             raise SiteMismatchError(
-                f"site {sender}'s {name} differs from the coordinator's (SHA-256 {other[name][:12]}... "
+                f"site {sender}'s {name} differs from the coordinator's (digest {other[name][:12]}... "
                 f"vs {digest[:12]}...): the sites do not hold the same int8 model", sender,
                 "int8 model differs")

@@ -305,6 +305,6 @@ class SecureCoordinator:
         # Each int8 file's accuracy over all test sets; its size and SHA-256 are the coordinator's
         # own (no single site's report reaches it, so the files' identity is not compared here).
         figures["artifacts"] = [{"file": own["file"], "size_bytes": own["size_bytes"], "sha256": own["sha256"],
-                                 "accuracy": float(total / n_test)}
+                                 "digest": own["digest"], "accuracy": float(total / n_test)}
                                 for own, total in zip(own_files, values[7:])]
         return self.codec.encode_report({"rounds": self.rounds, "figures": figures, "sites": []})

@@ -48,5 +48,5 @@ def federation_artifacts(reports):
     for index, artifact in enumerate(reports[0]["artifacts"]):
         per_site = [{**report["artifacts"][index], "n_test": report["n_test"]} for report in reports]
         rows.append({"file": artifact["file"], "size_bytes": artifact["size_bytes"], "sha256": artifact["sha256"],
-                     "accuracy": weighted_mean(per_site, "accuracy", "n_test")})
+                     "digest": artifact["digest"], "accuracy": weighted_mean(per_site, "accuracy", "n_test")})
     return rows

@@ -13,7 +13,7 @@ float_state / load_float_state carry what federated averaging averages.
 Int8Recipe: these steps for one model across a federated run (post_static or qat).
 """
 
-from .artifacts import load_artifact, measure_artifact, sha256_of, write_artifacts
+from .artifacts import load_artifact, measure_artifact, model_digest, sha256_of, write_artifacts
 from .convert import convert
 from .engine import BACKENDS, FX_BACKENDS, PT2E_BACKENDS, QUANT_TYPES, mode_of, set_engine
 from .errors import QuantizationError
@@ -43,6 +43,7 @@ __all__ = [
     "load_observer_stats",
     "merge_calibration",
     "merge_observer_stats",
+    "model_digest",
     "mode_of",
     "observer_stats",
     "prepare_ptq",

@@ -18,8 +18,10 @@ serialization id replaced by a digest of the file's other records (see results.p
 import hashlib
 import io
 import os
+import re
 import statistics
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -274,6 +276,29 @@ def load_artifact(path, threads=1, backend=None):
 # --- measuring ------------------------------------------------------------------------
 
 
+_MANGLED = re.compile(rb"[./]?___torch_mangle_\d+")
+
+
+def model_digest(path) -> str:
+    """What identifies the model in a file: its SHA-256, except for TorchScript, whose class
+    names carry `___torch_mangle_<n>` when one process scripts several models (sites simulated
+    in one process, bench.simulate): there, the SHA-256 of its records with those suffixes
+    removed. Across processes (the app: one site per process) the file bytes are identical."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        return sha256_of(path)
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(path) as archive:
+        # Left out: the serialization id (a digest of the records as written) and the debug
+        # records (source ranges, whose pickled string lengths count the mangled names).
+        records = sorted((_MANGLED.sub(b"", info.filename.encode()), _MANGLED.sub(b"", archive.read(info)))
+                         for info in archive.infolist()
+                         if not info.filename.endswith((".data/serialization_id", ".debug_pkl")))
+    for name, content in records:
+        digest.update(len(name).to_bytes(8, "little") + name + len(content).to_bytes(8, "little") + content)
+    return digest.hexdigest()
+
+
 def sha256_of(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -323,4 +348,4 @@ def measure_artifact(path, test_loader, batch_sizes=(1,), repeats: int = 20, war
     latency = {int(size): _median_ms(run, _batch_of(test_loader, int(size)), repeats, warmup)
                for size in batch_sizes}
     return {"accuracy": correct / total, "n": total, "size_bytes": os.path.getsize(path),
-            "sha256": sha256_of(path), "latency_ms": latency}
+            "sha256": sha256_of(path), "digest": model_digest(path), "latency_ms": latency}

@@ -58,9 +58,9 @@ def test_the_report_shows_the_files_beside_fp32(run):
 
 
 def test_a_site_whose_files_differ_is_named():
-    own = [{"file": "model_int8.pte", "sha256": "a" * 64}]
-    _check_same_files(own, [{"file": "model_int8.pte", "sha256": "a" * 64}], "s2")
+    own = [{"file": "model_int8.pte", "digest": "a" * 64}]
+    _check_same_files(own, [{"file": "model_int8.pte", "digest": "a" * 64}], "s2")
     with pytest.raises(SiteMismatchError, match="site s3's model_int8.pte differs from the coordinator's"):
-        _check_same_files(own, [{"file": "model_int8.pte", "sha256": "b" * 64}], "s3")
+        _check_same_files(own, [{"file": "model_int8.pte", "digest": "b" * 64}], "s3")
     with pytest.raises(SiteMismatchError, match="site s4 wrote the int8 files"):
-        _check_same_files(own, [{"file": "model_int8.onnx", "sha256": "a" * 64}], "s4")
+        _check_same_files(own, [{"file": "model_int8.onnx", "digest": "a" * 64}], "s4")
