@@ -154,7 +154,7 @@ def _artifacts_section(metrics):
         f"<table id='artifacts'>{head}{''.join(rows)}</table>",
         "<p class='caption'>Each file was loaded in its own runtime and run on this site's test "
         "set (one thread). Every site holds the same bytes: the coordinator compared their "
-        "SHA-256 before the run finished.</p>",
+        "digests before the run finished.</p>",
     ])
 
 
