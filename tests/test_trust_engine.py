@@ -25,6 +25,19 @@ IDS = ["a" * 16, "b" * 16, "c" * 16]  # the coordinator first, as the testbed do
 STRANGER = "9" * 16
 
 
+SITES = []  # every Site a test made: their state threads are stopped after the test
+
+
+@pytest.fixture(autouse=True)
+def stop_state_threads():
+    """A state thread still waiting in engine.receive would keep the test process from
+    exiting (it is not a daemon thread): fail its site, which ends the wait."""
+    yield
+    for site in SITES:
+        engine.guard_of(site.app).failure = "test over"
+    SITES.clear()
+
+
 @pytest.fixture(autouse=True)
 def quiet_engine(monkeypatch):
     """Short engine sleeps and globals restored after each test."""
@@ -43,6 +56,7 @@ class Site:
     def __init__(self, run, expect=True):
         self.app = app = fc_engine.App()
         self.results = []
+        SITES.append(self)
 
         @fc_engine.app_state("initial", fc_engine.Role.BOTH, app)
         class Initial(fc_engine.AppState):
