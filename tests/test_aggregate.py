@@ -86,7 +86,11 @@ def test_observer_ranges_may_be_infinite_but_never_nan():
 
 
 def test_results_report_figures_are_checked():
-    good = {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1}, "int8": {"accuracy": 0.9, "loss": 0.1}}
+    good = {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1}, "int8": {"accuracy": 0.9, "loss": 0.1},
+            "artifacts": [{"file": "model_int8.pte", "accuracy": 0.9, "size_bytes": 70000,
+                           "sha256": "0" * 64, "digest": "0" * 64}]}
     check_report("results", good, "s3")
     with pytest.raises(SiteMismatchError, match="site s3 sent a 'results' report whose 'int8.accuracy' is 'high'"):
         check_report("results", {**good, "int8": {"accuracy": "high", "loss": 0.1}}, "s3")
+    with pytest.raises(SiteMismatchError, match="'artifacts\\[0\\].sha256' is 'x'"):
+        check_report("results", {**good, "artifacts": [{**good["artifacts"][0], "sha256": "x"}]}, "s3")
