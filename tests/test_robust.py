@@ -19,7 +19,9 @@ from outputs.results import metrics_json
 UPDATE = {"n_train": 100, "train_loss": 0.5, "train_accuracy": 0.9}
 FINAL = {"rounds": [{"round": 1, "train_loss": 0.4, "train_accuracy": 0.9, "test_loss": 0.3, "test_accuracy": 0.92}],
          "figures": {"n_sites": 3, "n_train": 4000, "n_test": 1000, "fp32": {"accuracy": 0.95, "loss": 0.15},
-                     "int8": {"accuracy": 0.95, "loss": 0.16}},
+                     "int8": {"accuracy": 0.95, "loss": 0.16},
+                     "artifacts": [{"file": "model_int8.pt", "accuracy": 0.95, "size_bytes": 88000,
+                                    "sha256": "ab" * 32, "digest": "cd" * 32}]},
          "sites": [{"id": "a1", "n_train": 1333, "weight": 0.3333, "excluded_rounds": []}]}
 
 
@@ -44,7 +46,7 @@ def test_report_fields_are_range_checked_naming_the_site(kind, change, text):
             "test": {"n_test": 5, "test_loss": 0.2, "test_accuracy": 0.9},
             "summary": {"n_train": 5, "n_test": 5, "input_shape": [1, 28, 28], "n_classes": 10},
             "results": {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1},
-                        "int8": {"accuracy": 0.9, "loss": 0.1}}}[kind]
+                        "int8": {"accuracy": 0.9, "loss": 0.1}, "artifacts": []}}[kind]
     check_report(kind, good, "s2")
     with pytest.raises(SiteMismatchError, match=f"site s2 sent a '{kind}' report") as error:
         check_report(kind, {**good, **change}, "s2")
