@@ -100,12 +100,10 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
     on its way (indices 1-based; SMPC contributions pass it on their way to the coordinator);
     returning a list of testbed.relay.Delivery instead drops, duplicates or re-addresses it
     (another claimed sender or memo), as a hostile relay or peer would.
-    A site that does not answer a call within `response_timeout` seconds fails the run as
-    "not responding". The sites die with this process, even when it is SIGKILLed.
-    on_started(ports) is called once every site is set up, with the sites' ports in order;
-    each site serves /api and /web on its port. on_finished(ports) is called once every site
-    has finished, before the sites are stopped (their /web pages still answer).
-    """
+    A site that does not answer within `response_timeout` s fails the run as "not responding";
+    the sites die with this process, even when it is SIGKILLed. on_started(ports): once every
+    site is set up (ports in order; each serves /api and /web); on_finished(ports): once every
+    site has finished, before the sites are stopped (their /web pages still answer)."""
     started = time.monotonic()
     deadline = started + timeout
     out_dir = Path(out_dir)
@@ -119,10 +117,7 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
     relay = Relay(sites, relay_filter)
     ok, failed_site, message = False, None, "interrupted"
     try:
-        threads = max(1, (os.cpu_count() or 1) // len(sites))
-        for site in sites:
-            site.start(app, None if generic_dir is None else Path(generic_dir), threads)
-            janitor.watch(site)
+        _start_all(sites, app, generic_dir, janitor)
         _setup_all(sites, deadline)
         if on_started is not None:
             on_started([site.port for site in sites])
@@ -141,15 +136,32 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
         janitor.done()
     result = FederationResult(
         ok=ok, failed_site=failed_site, message=message, site_outputs=site_outputs,
-        log_paths=[site.log_path for site in sites], wall_time_s=time.monotonic() - started,
-        bytes_relayed=relay.bytes_relayed, bytes_by_memo=dict(relay.bytes_by_memo),
-        last_status=[site.last_status for site in sites], received=dict(relay.received))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "received.json").write_text(json.dumps({f"client_{index}": deliveries for index, deliveries
-                                                       in sorted(result.received.items())}, indent=1))
+        wall_time_s=time.monotonic() - started, **_relay_and_site_records(sites, relay))
+    _write_received(out_dir, result.received)
     if not ok and not quiet:
         print(failure_report(result, sites), flush=True)
     return result
+
+
+def _relay_and_site_records(sites, relay):
+    return {"log_paths": [site.log_path for site in sites], "bytes_relayed": relay.bytes_relayed,
+            "bytes_by_memo": dict(relay.bytes_by_memo), "received": dict(relay.received),
+            "last_status": [site.last_status for site in sites]}
+
+
+def _write_received(out_dir, received):
+    """received.json: what each site was delivered, by whom (secure aggregation's evidence)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "received.json").write_text(json.dumps(
+        {f"client_{index}": deliveries for index, deliveries in sorted(received.items())}, indent=1))
+
+
+def _start_all(sites, app, generic_dir, janitor):
+    """Start every site's process, each with its share of the cores, watched by the janitor."""
+    threads = max(1, (os.cpu_count() or 1) // len(sites))
+    for site in sites:
+        site.start(app, None if generic_dir is None else Path(generic_dir), threads)
+        janitor.watch(site)
 
 
 def _check_inputs(client_dirs, generic_dir, app):
