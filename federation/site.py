@@ -149,7 +149,9 @@ class Site:
         """Write the int8 model's files (model_int8.pt for the FX backends; .pte, .onnx and .pt2
         for xnnpack) and measure each in its own runtime on this site's test set."""
         # Written and measured aside, then each published whole or not at all (outputs.atomic).
-        with self.timed("export"), tempfile.TemporaryDirectory() as staging:
+        # In the measurement slot: sites sharing a machine (the testbed) do this one at a time,
+        # so one site's latencies are not taken while another one computes.
+        with quant.measurement_slot(), self.timed("export"), tempfile.TemporaryDirectory() as staging:
             paths = quant.write_artifacts(self.recipe.int8_model, self.inputs.example_inputs, staging,
                                           self.config.backend)
             self.artifacts = [{"file": path.name, **quant.measure_artifact(
@@ -163,6 +165,10 @@ class Site:
         return self.codec.encode_report(self.measure_results())
 
     def measure_results(self):
+        with quant.measurement_slot():  # one site at a time where sites share a machine: see export_int8
+            return self._measure_results()
+
+    def _measure_results(self):
         batch = next(iter(self.inputs.test_loader))[0]
         self.results = {"n_train": self.inputs.train_info.n, "n_test": self.inputs.test_info.n,
                         "seconds": dict(self.seconds), "artifacts": self.artifacts}

@@ -22,6 +22,7 @@ from .prepare import prepare_ptq, prepare_qat
 from .recipe import Int8Recipe, merge_calibration
 from .results import latency_ms, save_torchscript, state_dict_size_bytes
 from .run import calibrate, forward_quant, freeze_qat
+from .timing import measurement_slot
 from .stats import float_state, load_float_state, load_observer_stats, merge_observer_stats, observer_stats
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "freeze_qat",
     "latency_ms",
     "measure_artifact",
+    "measurement_slot",
     "load_artifact",
     "load_float_state",
     "load_observer_stats",

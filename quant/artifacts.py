@@ -19,8 +19,6 @@ import hashlib
 import io
 import os
 import re
-import statistics
-import time
 import zipfile
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from .engine import FX_BACKENDS, PT2E_BACKENDS, info_of, set_engine
 from .errors import QuantizationError
 from .pt2e import dynamic_batch, export_examples
 from .results import save_torchscript, with_digest_serialization_id
+from .timing import median_ms
 
 ARTIFACT_FILES = {"pte": "model_int8.pte", "onnx": "model_int8.onnx", "pt2": "model_int8.pt2"}
 TORCHSCRIPT_FILE = "model_int8.pt"
@@ -321,17 +320,6 @@ def _batch_of(loader, size: int) -> torch.Tensor:
     return torch.cat(parts)[:size].contiguous()
 
 
-def _median_ms(run, batch, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(batch)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
-
-
 def measure_artifact(path, test_loader, batch_sizes=(1,), repeats: int = 20, warmup: int = 3,
                      backend=None) -> dict:
     """Accuracy on every sample of `test_loader` (inputs, labels), file size and SHA-256, and
@@ -345,7 +333,7 @@ def measure_artifact(path, test_loader, batch_sizes=(1,), repeats: int = 20, war
         total += len(labels)
     if total == 0:
         raise QuantizationError("measure_artifact: the test loader yielded no sample")
-    latency = {int(size): _median_ms(run, _batch_of(test_loader, int(size)), repeats, warmup)
+    latency = {int(size): median_ms(run, _batch_of(test_loader, int(size)), repeats, warmup)
                for size in batch_sizes}
     return {"accuracy": correct / total, "n": total, "size_bytes": os.path.getsize(path),
             "sha256": sha256_of(path), "digest": model_digest(path), "latency_ms": latency}

@@ -3,9 +3,7 @@
 import contextlib
 import hashlib
 import io
-import statistics
 import struct
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,6 +15,7 @@ from . import _ao
 from .engine import FX_BACKENDS, set_engine
 from .errors import QuantizationError
 from .run import forward_quant
+from .timing import median_ms
 
 
 class _SortedIterationSet(set):
@@ -157,20 +156,11 @@ def state_dict_size_bytes(model: nn.Module) -> int:
 
 
 def latency_ms(model: nn.Module, batch, repeats: int = 20, warmup: int = 3) -> float:
-    """Median single-thread forward time in milliseconds."""
-    if repeats < 1:
-        raise QuantizationError(f"latency_ms: repeats must be at least 1, got {repeats}")
+    """Median single-thread forward time in milliseconds (one measurement at a time: quant.timing)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            for _ in range(warmup):
-                forward_quant(model, batch)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                forward_quant(model, batch)
-                times.append((time.perf_counter() - start) * 1000.0)
+            return median_ms(lambda inputs: forward_quant(model, inputs), batch, repeats, warmup)
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)

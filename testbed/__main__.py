@@ -4,7 +4,7 @@ import signal
 import sys
 from pathlib import Path
 
-from testbed.report import summary
+from testbed.report import finished_line, summary
 from testbed.runner import DEFAULT_APP, DEFAULT_QUERY_INTERVAL_S, DEFAULT_TIMEOUT_S, run_federation
 from testbed.site import HTTP_TIMEOUT_S
 
@@ -55,8 +55,7 @@ def main(argv=None):
         return 1
     print()
     print(summary(result.site_outputs))
-    print(f"\n{result.message} in {result.wall_time_s:.1f} s; "
-          f"{result.bytes_relayed / 1024:.1f} KB relayed; outputs in {args.out}")
+    print(f"\n{finished_line(result, args.out)}")
     return 0
 
 

@@ -32,6 +32,27 @@ def failure_report(result, sites):
     return "\n".join(lines)
 
 
+def count(number, noun):
+    """`1 site`, `3 sites`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def finished_message(n_sites):
+    return "the site finished" if n_sites == 1 else f"all {n_sites} sites finished"
+
+
+def finished_line(result, out_dir):
+    """The run's last line: how long it took, what crossed between the sites, where outputs are."""
+    n_sites = len(result.site_outputs)
+    if result.bytes_relayed:
+        traffic = f"{result.bytes_relayed / 1024:.1f} KB relayed"
+    elif n_sites == 1:
+        traffic = "one site: no federation traffic"
+    else:
+        traffic = "nothing relayed"
+    return f"{result.message} in {result.wall_time_s:.1f} s; {traffic}; outputs in {out_dir}"
+
+
 def _number(value, fmt):
     return format(value, fmt) if isinstance(value, (int, float)) else "?"
 
@@ -81,6 +102,7 @@ def summary(site_outputs):
         blocks.append(metrics_table(name, metrics))
         federation = metrics.get("federation", {})
     if "fp32" in federation and "int8" in federation:
-        blocks.append(f"federation ({federation['n_sites']} sites, {federation['n_test']} test samples): "
+        blocks.append(f"federation ({count(federation['n_sites'], 'site')}, "
+                      f"{count(federation['n_test'], 'test sample')}): "
                       f"accuracy fp32 {federation['fp32']['accuracy']:.4f}, int8 {federation['int8']['accuracy']:.4f}")
     return "\n\n".join(blocks)

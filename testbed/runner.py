@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.relay import Relay
-from testbed.report import failure_report, progress_key, progress_line
+from testbed.report import failure_report, finished_message, progress_key, progress_line
 from testbed.site import HTTP_TIMEOUT_S, Site, SiteFailure, stop_sites
 
 # The real controller polls every 2.0 s; locally a short interval keeps runs fast.
@@ -124,7 +124,7 @@ def run_federation(client_dirs, generic_dir, out_dir, query_interval=DEFAULT_QUE
         _poll_until_finished(sites, relay, query_interval, deadline, quiet)
         if on_finished is not None:
             on_finished([site.port for site in sites])
-        ok, message = True, f"all {len(sites)} sites finished"
+        ok, message = True, finished_message(len(sites))
     except SiteFailure as failure:
         failed_site, message = failure.site.index, str(failure)
     except RunTimeout as error:

@@ -23,6 +23,12 @@ HTTP_TIMEOUT_S = 30.0
 # How long SIGTERM gets before SIGKILL when sites are stopped.
 STOP_GRACE_S = 2.0
 LOG_TAIL_LINES = 40
+# The sites share this machine's cores: each site's latency measurements wait for a lock on
+# this file so that they are taken one site at a time (read by quant.timing, which is not
+# imported here: it pulls in torch). An environment that sets it (e.g. several testbeds
+# at once sharing one file) is kept.
+LATENCY_LOCK_ENV = "FC_LATENCY_LOCK"
+LATENCY_LOCK_FILE = "latency.lock"
 
 
 # Runs each site's app: the site dies with the testbed, even when the testbed is SIGKILLed.
@@ -84,6 +90,7 @@ class Site:
         self.id = secrets.token_hex(8)  # 16 hex chars, like the controller's ids
         self.input_dir = Path(work_dir) / self.name / "input"
         self.output_dir = Path(work_dir) / self.name / "output"
+        self.latency_lock = Path(work_dir) / LATENCY_LOCK_FILE  # shared by every site of the run
         self.log_path = Path(log_path)
         self.port = None
         self.process = None
@@ -102,6 +109,7 @@ class Site:
                    FC_TESTBED_PARENT_PID=str(os.getpid()))
         # Short engine sleeps unless the caller asked for the real ones (FC_FAST_ENGINE=0).
         env.setdefault("FC_FAST_ENGINE", "1")
+        env.setdefault(LATENCY_LOCK_ENV, str(self.latency_lock))
         # The sites share this machine's cores: without a cap each torch process starts one
         # thread per core and they slow each other down.
         env.setdefault("OMP_NUM_THREADS", str(threads))

@@ -2,11 +2,14 @@
 
     python -m testbed.split --out DIR --sites N [--source mnist|cifar10|PATH.pth] [--data-root DIR]
         [--split iid|dirichlet] [--alpha A] [--test-fraction F] [--seed S]
-        [--model FILE] [--config-from FILE] [--overwrite]
+        [--model FILE] [--config-from FILE] [--overwrite] [--centralized]
 
 writes DIR/client_<i>/{train,test}_dataset.pth (plain `(inputs float32, labels int64)` tuples)
 and DIR/generic/{config.yml, <model file>}, ready for
-`python -m testbed --generic DIR/generic DIR/client_1 ...`.
+`python -m testbed --generic DIR/generic DIR/client_1 ... --out DIR_run`.
+With --centralized: the baseline of that N-site federation, one site (client_1) holding the
+union of the N sites' train splits, tested on the union of their test splits (the samples
+the federation's accuracy is measured on), so the two figures are comparable.
 
 Splits (all driven by one numpy Generator seeded with --seed, so the same arguments give the
 same bytes):
@@ -35,6 +38,7 @@ from inputs.errors import InputError
 from inputs.datasets import load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "results"  # git-ignored: the testbed's default --out is under it
 SCHEMES = ("iid", "dirichlet")
 TORCHVISION_SOURCES = {"mnist": "MNIST", "cifar10": "CIFAR10"}  # --source -> torchvision class
 # The bundled model for each input shape, so that --model is only needed for other data.
@@ -149,7 +153,8 @@ def _check_split_arguments(n_labels, n_inputs, n_sites, scheme, alpha, test_frac
         raise ValueError(f"alpha: {alpha}; the Dirichlet concentration must be > 0")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test fraction: {test_fraction}; expected a number between 0 and 1 "
-                         f"(every site needs a train and a test split)")
+                         f"(every site needs a train and a test split; for one site holding "
+                         f"everything, the centralized baseline, use --centralized)")
     if min_site_samples < 2:
         raise ValueError(f"min_site_samples: {min_site_samples}; a site needs at least 2 samples "
                          f"(one to train on, one to test on)")
@@ -197,6 +202,12 @@ def _stratified_holdout(rows, labels, test_fraction, rng):
         test_parts.append(members[:quota])
         train_parts.append(members[quota:])
     return rng.permutation(np.concatenate(train_parts)), rng.permutation(np.concatenate(test_parts))
+
+
+def centralized(splits):
+    """One site holding every site's data: (union of the train splits, union of the test
+    splits), so a centralized run is tested on exactly the federation's test samples."""
+    return [tuple(torch.cat([split[part] for split in splits]) for part in range(4))]
 
 
 def _take(inputs, labels, rows):
@@ -315,6 +326,10 @@ def parse_args(argv):
                              "sample's settings)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace client_*/ and generic/ left in --out by an earlier run")
+    parser.add_argument("--centralized", action="store_true",
+                        help="write the centralized baseline of this split instead: one site "
+                             "(client_1) holding the union of the --sites sites' train splits, "
+                             "tested on the union of their test splits")
     return parser.parse_args(argv)
 
 
@@ -324,6 +339,8 @@ def main(argv=None):
         inputs, labels = load_source(args.source, args.data_root)
         splits = split_dataset(inputs, labels, args.sites, args.split, args.alpha,
                                args.test_fraction, args.seed)
+        if args.centralized:
+            splits = centralized(splits)
         model_file = args.model or bundled_model_for(inputs.shape[1:])
         config, extra_files = _config_and_extra_files(args.config_from, model_file)
         write_client_dirs(splits, args.out, model_file, config, extra_files, args.overwrite)
@@ -331,10 +348,28 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(site_table(splits))
-    client_dirs = [str(args.out / f"client_{site}") for site in range(1, args.sites + 1)]
-    command = shlex.join(["python", "-m", "testbed", "--generic", str(args.out / GENERIC_DIR), *client_dirs])
-    print(f"\nwritten to {args.out}; run the federation with:\n  {command}")
+    if args.centralized:
+        print(f"\ncentralized baseline of the {args.sites}-site {args.split} split: client_1 holds "
+              f"every site's train split and is tested on the union of their test splits")
+    print(f"\nwritten to {args.out}; run it with:\n  {testbed_command(args.out, len(splits))}")
     return 0
+
+
+def testbed_command(split_out, n_sites):
+    """The `python -m testbed` command for the dirs written to `split_out`."""
+    client_dirs = [str(split_out / f"client_{site}") for site in range(1, n_sites + 1)]
+    return shlex.join(["python", "-m", "testbed", "--generic", str(split_out / GENERIC_DIR),
+                       *client_dirs, "--out", str(testbed_out_for(split_out))])
+
+
+def testbed_out_for(split_out):
+    """Where the testbed's results for `split_out` should go: beside it (`<out>_run`), unless
+    that is inside the repository but outside its git-ignored results/ dir; then under it."""
+    split_out = Path(split_out)
+    absolute = split_out.resolve()
+    if absolute.is_relative_to(REPO_ROOT) and not absolute.is_relative_to(RESULTS_DIR):
+        return Path("results") / f"{split_out.name}_run"
+    return split_out.parent / f"{split_out.name}_run"
 
 
 def _config_and_extra_files(config_from, model_file):
