@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.simulate import SAMPLE, load_sites, pooled_sample, run_rounds, sample_config
-from testbed.split import split_dataset, write_client_dirs
+from testbed.split import centralized, split_dataset, write_client_dirs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "federated_quality.json"
 SETTINGS = {  # name -> (split scheme, number of sites)
@@ -60,8 +60,7 @@ def write_setting(inputs, labels, setting, seed, config, out_dir):
     splits = split_dataset(inputs, labels, n_sites, scheme=scheme, alpha=ALPHA, seed=seed)
     model_file = SAMPLE / "generic" / config["model"]
     write_client_dirs(splits, out_dir / "federated", model_file, config)
-    pooled = [torch.cat([split[part] for split in splits]) for part in range(4)]
-    write_client_dirs([tuple(pooled)], out_dir / "central", model_file, config)
+    write_client_dirs(centralized(splits), out_dir / "central", model_file, config)
     return out_dir / "federated", out_dir / "central"
 
 

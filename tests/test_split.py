@@ -1,4 +1,8 @@
-"""testbed.split: sources (torchvision, .pth), iid/dirichlet splits, written client dirs. No download."""
+"""testbed.split: sources (torchvision, .pth), iid/dirichlet splits, written client dirs, the
+centralized baseline and the printed testbed command. No download."""
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -271,3 +275,74 @@ def test_site_table_lists_counts_and_histogram():
     columns = [line.split() for line in table[1:]]
     assert [(int(c[1]), int(c[2])) for c in columns] == [(40, 10), (40, 10)]
     assert [sum(int(v) for v in c[3:]) for c in columns] == [50, 50]
+
+
+# ---------------------------------------------------------------- the centralized baseline, the next command
+
+def write_numbered_source(tmp_path):
+    inputs, labels = numbered_dataset(per_class=20)
+    source = tmp_path / "numbered.pth"
+    torch.save((inputs, labels), source)
+    model = tmp_path / "tiny_model.py"
+    model.write_text("# a model for 1x1x1 inputs\n")
+    return source, model
+
+
+def split_cli(tmp_path, out, *extra):
+    source, model = write_numbered_source(tmp_path)
+    return main(["--out", str(out), "--sites", "3", "--source", str(source), "--model", str(model),
+                 "--split", "dirichlet", "--seed", "3", *extra])
+
+
+def saved_rows(site_dir, name):
+    inputs, labels = torch.load(site_dir / name, weights_only=True)
+    return rows_of(inputs), labels.tolist()
+
+
+def test_centralized_writes_one_site_with_the_union_of_the_federations_splits(tmp_path, capsys):
+    assert split_cli(tmp_path, tmp_path / "fed") == 0
+    assert split_cli(tmp_path, tmp_path / "central", "--centralized") == 0
+    central = tmp_path / "central"
+    assert sorted(path.name for path in central.iterdir()) == ["client_1", "generic"]
+    for name in (split.TRAIN_FILE, split.TEST_FILE):
+        federated = [saved_rows(tmp_path / "fed" / f"client_{site}", name) for site in (1, 2, 3)]
+        assert saved_rows(central / "client_1", name) == (
+            sum((rows for rows, _ in federated), []), sum((labels for _, labels in federated), []))
+    assert load_config(central / "generic").model == "tiny_model.py"
+    printed = capsys.readouterr().out
+    assert "centralized baseline of the 3-site dirichlet split" in printed
+    assert f"--generic {central / 'generic'} {central / 'client_1'} --out" in printed
+    assert "client_2" not in printed.split("centralized baseline")[1]
+
+
+def test_zero_test_fraction_points_to_centralized(tmp_path, capsys):
+    assert split_cli(tmp_path, tmp_path / "fed", "--test-fraction", "0") == 2
+    assert "--centralized" in capsys.readouterr().err
+
+
+def test_printed_command_sends_results_beside_the_split_outside_the_repo(tmp_path, capsys):
+    out = tmp_path / "fed"
+    assert split_cli(tmp_path, out) == 0
+    command = capsys.readouterr().out.splitlines()[-1].split()
+    assert command[command.index("--out") + 1] == str(tmp_path / "fed_run")
+    assert command[:5] == ["python", "-m", "testbed", "--generic", str(out / "generic")]
+
+
+def git_ignores(path):
+    return subprocess.run(["git", "check-ignore", "--no-index", "-q", str(path)],
+                          cwd=split.REPO_ROOT).returncode == 0
+
+
+def test_suggested_results_dirs_are_outside_the_repo_or_git_ignored(tmp_path):
+    assert split.testbed_out_for(tmp_path / "fed") == tmp_path / "fed_run"
+    assert split.testbed_out_for(Path("results/mnist5")) == Path("results/mnist5_run")
+    inside = split.REPO_ROOT / "data" / "mnist5"
+    assert split.testbed_out_for(inside) == Path("results/mnist5_run")
+    for suggested in (Path("results/mnist5_run"), split.REPO_ROOT / "results" / "mnist5_run"):
+        assert git_ignores(suggested)
+    assert not git_ignores(inside)  # so the check above can fail
+
+
+def test_the_testbeds_default_output_dir_is_git_ignored():
+    from testbed.__main__ import parse_args
+    assert git_ignores(split.REPO_ROOT / parse_args([]).out / "client_1" / "metrics.json")

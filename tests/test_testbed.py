@@ -230,3 +230,71 @@ def test_metrics_table_compares_fp32_and_int8(tmp_path):
     site.mkdir()
     (site / "metrics.json").write_text(json.dumps(metrics))
     assert summary([site]) == table
+
+
+# ---------------------------------------------------------------- summary wording, latency lock
+
+def run_echo_cli(tmp_path, n_sites):
+    client_dirs, generic = make_sites(tmp_path)
+    command = [sys.executable, "-m", "testbed", "--app", str(ECHO_APP), "--generic", str(generic),
+               "--out", str(tmp_path / "out"), "--query-interval", "0.05",
+               *map(str, client_dirs[:n_sites])]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout.splitlines()[-1]
+
+
+def test_cli_last_line_for_one_site_says_no_traffic_was_relayed(tmp_path):
+    last_line = run_echo_cli(tmp_path, n_sites=1)
+    assert last_line.startswith("the site finished in ")
+    assert "one site: no federation traffic" in last_line
+    wording = last_line.split("; outputs in ")[0]  # the output path is the test's tmp dir
+    assert "KB" not in wording and "sites" not in wording
+
+
+def test_cli_last_line_for_three_sites_counts_the_relayed_bytes(tmp_path):
+    last_line = run_echo_cli(tmp_path, n_sites=3)
+    assert last_line.startswith("all 3 sites finished in ")
+    relayed_kb = float(last_line.split("; ")[1].removesuffix(" KB relayed"))
+    assert relayed_kb > 0
+
+
+def federation_metrics(n_sites, n_test):
+    return {"fp32": {"accuracy": 0.9, "size_bytes": 4096, "latency_ms": 6.0},
+            "int8": {"accuracy": 0.9, "size_bytes": 1024, "latency_ms": 2.0},
+            "federation": {"n_sites": n_sites, "n_test": n_test,
+                           "fp32": {"accuracy": 0.91}, "int8": {"accuracy": 0.92}}}
+
+
+@pytest.mark.parametrize("n_sites, n_test, expected", [
+    (1, 1, "federation (1 site, 1 test sample): accuracy fp32 0.9100, int8 0.9200"),
+    (3, 1000, "federation (3 sites, 1000 test samples): accuracy fp32 0.9100, int8 0.9200")])
+def test_summary_counts_sites_and_samples_in_words(tmp_path, n_sites, n_test, expected):
+    site = tmp_path / "client_1"
+    site.mkdir()
+    (site / "metrics.json").write_text(json.dumps(federation_metrics(n_sites, n_test)))
+    assert summary([site]).splitlines()[-1] == expected
+
+
+def test_every_site_gets_one_shared_latency_lock_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("FC_LATENCY_LOCK", raising=False)
+    result = run_echo(tmp_path)
+    assert result.ok, result.message
+    locks = {read_result(output)["latency_lock"] for output in result.site_outputs}
+    assert len(locks) == 1
+    lock = Path(locks.pop())
+    assert lock.name == "latency.lock" and lock.parent.name.startswith("fc-testbed-")
+
+
+def test_a_latency_lock_set_by_the_environment_is_kept(tmp_path, monkeypatch):
+    shared = tmp_path / "shared.lock"
+    monkeypatch.setenv("FC_LATENCY_LOCK", str(shared))
+    result = run_echo(tmp_path)
+    assert result.ok, result.message
+    assert [read_result(output)["latency_lock"] for output in result.site_outputs] == [str(shared)] * 3
+
+
+def test_testbed_and_quant_name_the_same_lock_variable():
+    from quant.timing import LATENCY_LOCK_ENV
+    from testbed.site import LATENCY_LOCK_ENV as TESTBED_LATENCY_LOCK_ENV
+    assert TESTBED_LATENCY_LOCK_ENV == LATENCY_LOCK_ENV
