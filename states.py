@@ -1,20 +1,18 @@
-"""The app's state machine. Each state moves messages; the Site and the Coordinator do the work.
+"""The app's state machine. Each state moves messages; the Site and the coordinator do the work.
 
 initial -> local_train -> aggregate -> (local_train | quantize) -> write_results -> terminal
 
 Every state runs at every site; inside `aggregate`, `quantize` and `write_results` only the
 coordinator gathers and broadcasts. Messages are bytes made and read by
 `federation.messages.Codec` (safetensors + JSON metadata; never pickle); ARCHITECTURE.md lists them.
+How they travel, whole or as secure sums, is the channel's business (federation/channel.py).
 """
-import json
 import os
-import time
 
 from FeatureCloud.app.engine.app import AppState, Role, State, app_state
 
 from federation import engine
-from federation.coordinator import Coordinator
-from federation.secure import SecureCoordinator, SecureSite
+from federation.channel import PlainChannel, SecureChannel, open_channel
 from federation.site import Site
 from outputs.results import build_metrics, privacy_report, write_results
 from webui import live_status
@@ -24,53 +22,52 @@ OUTPUT_DIR = os.environ.get("FC_OUTPUT_DIR", "/mnt/output")
 
 
 class FederatedState(AppState):
-    """Plumbing every state shares: this site, the coordinator, messages, progress."""
+    """Plumbing every state shares: this site, its channel, messages, progress."""
 
     @property
     def site(self) -> Site:
         return self.load("site")
 
     @property
-    def aggregator(self) -> Coordinator:
-        """The coordinator's work (`self.coordinator` is the engine's flag)."""
-        return self.load("aggregator")
+    def channel(self) -> PlainChannel | SecureChannel:
+        return self.load("channel")
 
+    @property
+    def aggregator(self):
+        """The coordinator's work, as the channel reads it (`self.coordinator` is the engine's flag)."""
+        return self.channel.aggregator
+
+    def send(self, memo):
+        """This site's message under `memo`, whole or as its share of a secure sum."""
+        self.channel.send(self, memo)
+
+    def gather(self, memo):
+        """Coordinator: what arrived under `memo`, in the form the aggregator takes."""
+        return self.channel.gather(self, memo)
+
+    # ---- the transport the channel uses: the engine's send and receive calls ----
     def send_to_coordinator(self, memo, data):
         self.site.bytes_sent[memo] = len(data)
         self.send_data_to_coordinator(data, memo=memo)
+
+    def send_sum(self, memo, vector, exponent):
+        """A share of a secure sum: JSON numbers, fixed point with `exponent` decimals; the
+        controller hands the coordinator only the sum."""
+        self.configure_smpc(exponent=exponent)
+        self.send_data_to_coordinator(vector, memo=memo, use_smpc=True)
 
     def broadcast(self, memo, data):
         self.site.bytes_sent[memo] = len(data)
         self.broadcast_data(data, memo=memo)
 
-    # ---- secure aggregation (secure_aggregation: true): sums through the controller's SMPC ----
-    @property
-    def secure(self) -> SecureSite:
-        """This site's secure-aggregation side, or None when sums are not required."""
-        return self.load("secure")
-
-    @property
-    def secure_aggregator(self) -> SecureCoordinator:
-        return self.load("secure_aggregator")
-
-    def contribute(self, contribution):
-        """Send this site's share of a secure sum: JSON numbers, fixed point with the
-        contribution's exponent; the controller hands the coordinator only the sum."""
-        started = time.perf_counter()
-        size = len(json.dumps(contribution.vector))
-        self.configure_smpc(exponent=contribution.exponent)
-        self.send_data_to_coordinator(contribution.vector, memo=contribution.memo, use_smpc=True)
-        self.site.bytes_sent[contribution.memo] = size
-        self.secure.record(contribution, size, time.perf_counter() - started)
+    def gather_pieces(self, memo):
+        """Coordinator: [(sender, bytes)] from every site, in client order."""
+        return [(piece.sender, piece.data) for piece in engine.receive(self, memo, n=len(self.clients))]
 
     def gather_sum(self, memo):
         """Coordinator: the controller's one aggregate under `memo` (JSON bytes)."""
         (piece,) = engine.receive(self, memo, n=1)
         return piece.data
-
-    def gather(self, memo):
-        """Coordinator: [(sender, bytes)] from every site, in client order."""
-        return [(piece.sender, piece.data) for piece in engine.receive(self, memo, n=len(self.clients))]
 
     def await_broadcast(self, memo):
         """(sender, bytes) of the coordinator's broadcast under `memo`."""
@@ -105,30 +102,12 @@ class Initial(FederatedState):
         # No message is larger than a model update (weights + SCAFFOLD's controls + ranges).
         engine.limit_payload_bytes(engine.payload_limit_for(site.local_message().joined(), factor=3))
         live_status.update(max_iter=site.config.max_iter, round=0)
-        if site.config.secure_aggregation:
-            return self.start_secure(site)
-        self.store("secure", None)
-        self.send_to_coordinator("summary", site.summary_message())
+        self.store("channel", open_channel(site, len(self.clients), self.is_coordinator))
+        self.send("summary")
         if self.is_coordinator:
-            self.store("aggregator", Coordinator(site))
             self.aggregator.check_summaries(self.gather("summary"))
-            self.broadcast("global_0", self.aggregator.first_global())
-        self.receive_global("global_0")
-        return "local_train"
-
-    def start_secure(self, site):
-        """Shapes in plain (no site's data), sample counts as a sum; the first global model
-        carries the federation's total the sites weight their updates by."""
-        secure = SecureSite(site, len(self.clients))
-        self.store("secure", secure)
-        self.send_to_coordinator("summary", secure.summary_message())
-        self.contribute(secure.counts())
-        if self.is_coordinator:
-            aggregator = SecureCoordinator(Coordinator(site))
-            self.store("secure_aggregator", aggregator)
-            aggregator.check_summaries(self.gather("summary"))
-            self.broadcast("global_0", aggregator.first_global(self.gather_sum("counts")))
-        secure.receive_totals(self.receive_global("global_0"))
+            self.broadcast("global_0", self.channel.first_global(self))
+        self.channel.receive_first_global(self.receive_global("global_0"))
         return "local_train"
 
 
@@ -142,10 +121,7 @@ class LocalTrain(FederatedState):
         self.show(f"round {round_number}/{self.site.config.max_iter}: training",
                   self.round_progress(round_number - 1))
         live_status.update(round=round_number)
-        if self.secure:
-            self.contribute(self.secure.update(f"update_{round_number}"))
-            return "aggregate"
-        self.send_to_coordinator(f"update_{round_number}", self.site.train_round())
+        self.send(f"update_{round_number}")
         return "aggregate"
 
 
@@ -156,42 +132,24 @@ class Aggregate(FederatedState):
         self.register_transition("quantize", Role.BOTH, label="rounds done")
 
     def run(self):
-        if self.secure:
-            return self.run_secure()
         round_number = self.site.round
         if self.is_coordinator:
             self.show(f"round {round_number}: averaging", self.round_progress(round_number))
             self.broadcast(f"global_{round_number}", self.aggregator.aggregate(self.gather(f"update_{round_number}")))
         self.receive_global(f"global_{round_number}")
-        self.send_to_coordinator(f"test_{round_number}", self.site.evaluate_global())
+        self.send(f"test_{round_number}")
         live_status.update(site_accuracy=self.site.rounds[-1]["test_accuracy"])
         if self.is_coordinator:
-            row = self.aggregator.record_round(round_number, self.gather(f"test_{round_number}"))
-            self.log(f"federation round {round_number}: train loss {row['train_loss']:.4f} "
-                     f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} "
-                     f"acc {row['test_accuracy']:.4f}")
-            live_status.update(federation_accuracy=row["test_accuracy"])
+            self.record_round(round_number)
         return "local_train" if round_number < self.site.config.max_iter else "quantize"
 
-    def run_secure(self):
-        """The same round from sums: the coordinator steps from the weighted average and
-        records the federation's figures without seeing any one site's."""
-        round_number = self.site.round
-        update_memo, test_memo = f"update_{round_number}", f"test_{round_number}"
-        if self.is_coordinator:
-            self.show(f"round {round_number}: averaging", self.round_progress(round_number))
-            self.broadcast(f"global_{round_number}",
-                           self.secure_aggregator.aggregate(self.gather_sum(update_memo), update_memo))
-        self.receive_global(f"global_{round_number}")
-        self.contribute(self.secure.test(test_memo))
-        live_status.update(site_accuracy=self.site.rounds[-1]["test_accuracy"])
-        if self.is_coordinator:
-            row = self.secure_aggregator.record_round(round_number, self.gather_sum(test_memo), test_memo)
-            self.log(f"federation round {round_number} (secure sums): train loss {row['train_loss']:.4f} "
-                     f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} "
-                     f"acc {row['test_accuracy']:.4f}")
-            live_status.update(federation_accuracy=row["test_accuracy"])
-        return "local_train" if round_number < self.site.config.max_iter else "quantize"
+    def record_round(self, round_number):
+        """Coordinator: the federation's figures of this round, from the sites' test figures."""
+        row = self.aggregator.record_round(round_number, self.gather(f"test_{round_number}"))
+        self.log(f"federation round {round_number}{self.channel.log_suffix}: train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} "
+                 f"acc {row['test_accuracy']:.4f}")
+        live_status.update(federation_accuracy=row["test_accuracy"])
 
 
 @app_state("quantize", Role.BOTH)
@@ -201,30 +159,10 @@ class Quantize(FederatedState):
 
     def run(self):
         self.show("calibrating observers", 0.86)
-        if self.secure:
-            return self.run_secure()
-        self.send_to_coordinator("calibration", self.site.calibration_message())
+        self.send("calibration")
         if self.is_coordinator:
             self.broadcast("qparams", self.aggregator.merge_calibration(self.gather("calibration"),
                                                                           self.site.own_stats))
-        self.show("converting to int8", 0.9)
-        self.site.convert(*self.await_broadcast("qparams"))
-        return "write_results"
-
-    def run_secure(self):
-        """Two sums: magnitude counts give a common range, then histograms on it (no site's own
-        minimum or maximum leaves it); every site converts with the same statistics."""
-        own_stats = None
-        self.contribute(self.secure.calibration_range())
-        if self.is_coordinator:
-            own_stats = self.site.own_stats
-            self.broadcast("calibration_grid",
-                           self.secure_aggregator.calibration_grid(self.gather_sum("calibration_range"), own_stats))
-        self.secure.receive_grid(*self.await_broadcast("calibration_grid"))
-        self.contribute(self.secure.calibration())
-        if self.is_coordinator:
-            self.broadcast("qparams", self.secure_aggregator.merge_calibration(self.gather_sum("calibration"),
-                                                                               own_stats))
         self.show("converting to int8", 0.9)
         self.site.convert(*self.await_broadcast("qparams"))
         return "write_results"
@@ -239,18 +177,13 @@ class WriteResults(FederatedState):
         self.show("writing the int8 files", 0.91)
         self.site.export_int8(OUTPUT_DIR)
         self.show("measuring fp32 vs int8", 0.93)
-        if self.secure:
-            self.contribute(self.secure.results())
-            if self.is_coordinator:
-                self.broadcast("final", self.secure_aggregator.final(self.gather_sum("results")))
-        else:
-            self.send_to_coordinator("results", self.site.results_message())
-            if self.is_coordinator:
-                self.broadcast("final", self.aggregator.final(self.gather("results")))
+        self.send("results")
+        if self.is_coordinator:
+            self.broadcast("final", self.aggregator.final(self.gather("results")))
         site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"), "final")
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation,
-                                privacy=privacy_report(site, self.secure))
+                                privacy=privacy_report(site, self.channel.secure))
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from federation.coordinator import Coordinator
-from federation.secure import SecureCoordinator, SecureSite
+from federation.secure import SecureCoordinator, SecureSite, Sum
 from federation.site import Site
 from inputs.config import APP_KEY, CONFIG_FILE, read_app_section
 from testbed.relay import smpc_sum
@@ -93,10 +93,11 @@ def run_rounds(sites):
 
 def secure_sum(contributions):
     """What the controller does with one SMPC memo: every site's JSON summed in fixed point
-    with additive secret shares (testbed.relay.smpc_sum); (aggregate bytes, bytes sent)."""
+    with additive secret shares (testbed.relay.smpc_sum); (the Sum, bytes sent)."""
     payloads = [json.dumps(contribution.vector).encode() for contribution in contributions]
     (exponent,) = {contribution.exponent for contribution in contributions}
-    return smpc_sum(payloads, exponent), sum(map(len, payloads))
+    (memo,) = {contribution.memo for contribution in contributions}
+    return Sum(memo, smpc_sum(payloads, exponent)), sum(map(len, payloads))
 
 
 def run_rounds_secure(sites):
@@ -117,14 +118,14 @@ def run_rounds_secure(sites):
             contributions.append(secure.update(f"update_{round_number}"))
         started = time.perf_counter()
         total, sent = secure_sum(contributions)
-        next_global = coordinator.aggregate(total, f"update_{round_number}")
+        next_global = coordinator.aggregate(total)
         seconds.append(time.perf_counter() - started)
         uplink.append(sent / len(sites))
         downlink.append(len(next_global))
         for site in sites:
             site.receive_global("coordinator", next_global)
         tests, _ = secure_sum([secure.test(f"test_{round_number}") for secure in secures])
-        coordinator.record_round(round_number, tests, f"test_{round_number}")
+        coordinator.record_round(round_number, tests)
     rows = coordinator.rounds
     sites[0].secure_run = (secures, coordinator)  # for quantize_sites
     return {"rounds": rows, "accuracy": rows[-1]["test_accuracy"],

@@ -109,6 +109,16 @@ def decode_sum(data, length, memo):
     return array
 
 
+@dataclass(frozen=True)
+class Sum:
+    """The controller's aggregate under one memo, as the coordinator receives it (JSON bytes)."""
+    memo: str
+    data: bytes
+
+    def values(self, length):
+        return decode_sum(self.data, length, self.memo)
+
+
 def _schema(codec):
     return sorted(codec.model_schema.items())
 
@@ -222,7 +232,8 @@ class SecureSite:
 
 class SecureCoordinator:
     """The Coordinator's work from sums: it never holds a single other site's update, figures
-    or statistics. Broadcasts are the same plain messages as without secure aggregation."""
+    or statistics. Each sum arrives as a `Sum`; broadcasts are the same plain messages as
+    without secure aggregation."""
 
     def __init__(self, coordinator):
         self.coordinator = coordinator
@@ -247,21 +258,21 @@ class SecureCoordinator:
             summaries.append((sender, summary))
         check_sites_fit(summaries)
 
-    def first_global(self, counts_sum):
+    def first_global(self, counts):
         """The initial model, with the federation's totals the sites weight their updates by."""
-        n_train, n_test = decode_sum(counts_sum, 2, "counts")
+        n_train, n_test = counts.values(2)
         self.totals = {"n_train": int(round(n_train)), "n_test": int(round(n_test))}
         if min(self.totals.values()) < 1:
             raise SiteMismatchError(f"the federation's sample counts {self.totals} are not positive")
         message = self.coordinator.site.local_message(n_train_total=self.totals["n_train"])
         return self.codec.encode_model(message)
 
-    def aggregate(self, update_sum, memo):
+    def aggregate(self, update_sum):
         """The next global model from the sum of (n_i/N) * updates: the weighted average; the
         rule steps from the previous global as without secure aggregation."""
         schema = _schema(self.codec)
         size = sum(math.prod(shape) for _, (shape, _) in schema)
-        vector = decode_sum(update_sum, size + 2, memo)
+        vector = update_sum.values(size + 2)
         averaged = ModelMessage.split(unflatten(vector[:size], schema))
         self.coordinator._update_meta = [{"n_train": self.totals["n_train"], "train_loss": float(vector[size]),
                                           "train_accuracy": float(vector[size + 1])}]
@@ -272,8 +283,8 @@ class SecureCoordinator:
         return self.codec.encode_model(ModelMessage(weights, averaged.observers, averaged.controls,
                                                     {"federation_accuracy": latest}))
 
-    def record_round(self, round_number, test_sum, memo):
-        loss, accuracy = decode_sum(test_sum, 2, memo) / self.totals["n_test"]
+    def record_round(self, round_number, test_sum):
+        loss, accuracy = test_sum.values(2) / self.totals["n_test"]
         (update,) = self.coordinator._update_meta
         row = {"round": round_number, "train_loss": update["train_loss"],
                "train_accuracy": update["train_accuracy"], "test_loss": float(loss),
@@ -284,19 +295,19 @@ class SecureCoordinator:
     def calibration_grid(self, range_sum, own_stats):
         """The common histogram range of every observer (broadcast as `calibration_grid`)."""
         paths = list(secure_stats.histogram_observers(own_stats))
-        summed = decode_sum(range_sum, len(paths) * 2 * secure_stats.N_BUCKETS, "calibration_range")
+        summed = range_sum.values(len(paths) * 2 * secure_stats.N_BUCKETS)
         self.grid = secure_stats.grid_from_counts(summed, paths)
         return self.codec.encode_report({"grid": self.grid})
 
     def merge_calibration(self, histogram_sum, own_stats):
         """The federation's observer statistics from the summed histograms (`qparams`)."""
         paths = list(secure_stats.histogram_observers(own_stats))
-        summed = decode_sum(histogram_sum, len(paths) * secure_stats.FINE_BINS, "calibration")
+        summed = histogram_sum.values(len(paths) * secure_stats.FINE_BINS)
         return self.codec.encode_stats(secure_stats.stats_from_summed_histograms(summed, self.grid, own_stats))
 
     def final(self, results_sum):
         own_files = self.coordinator.site.artifacts
-        values = decode_sum(results_sum, 7 + len(own_files), "results")
+        values = results_sum.values(7 + len(own_files))
         n_sites, n_train, n_test = (int(round(value)) for value in values[:3])
         figures = {"n_sites": n_sites, "n_train": n_train, "n_test": n_test}
         for index, precision in enumerate(("fp32", "int8")):

@@ -140,15 +140,6 @@ def fake_quant_classes() -> tuple:
     return (pt2e().FakeQuantizeBase,) if _loaded() else ()
 
 
-def quietly(function):
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        with quiet():
-            return function(*args, **kwargs)
-
-    return wrapper
-
-
 # --- conv+bn patterns ---------------------------------------------------------------------
 # XNNPACKQuantizer.annotate, prepare_qat_pt2e and convert_pt2e find conv+bn by matching
 # pattern graphs that they build by torch.export-ing small functions: 12 to annotate, 3 per
