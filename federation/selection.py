@@ -60,7 +60,8 @@ def selection_report(decision, max_iter):
         reasons = [f"best validation loss {decision.best_validation_loss:.3f} at round "
                    f"{decision.kept_round} of {decision.round}"]
     if decision.stop:
+        rounds = "round" if decision.patience == 1 else "rounds"
         reasons.append(f"stopped early after round {decision.round}: no improvement for "
-                       f"{decision.patience} rounds")
+                       f"{decision.patience} {rounds}")
     return {**decision.to_meta(), "rounds_run": decision.round, "max_iter": max_iter,
             "stopped_early": decision.stop, "reason": "; ".join(reasons)}
