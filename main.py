@@ -21,7 +21,7 @@ MESSAGES = {
     "to_coordinator": ["summary", r"update_\d+", r"test_\d+", "calibration", "results",
                        # secure_aggregation's sums (ARCHITECTURE.md, "Under secure_aggregation")
                        "counts", "calibration_range"],
-    "from_coordinator": [r"global_\d+", "qparams", "final", "calibration_grid"],
+    "from_coordinator": [r"global_\d+", r"round_\d+", "qparams", "final", "calibration_grid"],
 }
 
 

@@ -2,6 +2,9 @@
 
 initial -> local_train -> aggregate -> (local_train | quantize) -> write_results -> terminal
 
+`aggregate` ends with the coordinator's `round_<r>` decision (federation.selection): the round
+whose global model is kept so far, and whether training stops before max_iter (patience).
+
 Every state runs at every site; inside `aggregate`, `quantize` and `write_results` only the
 coordinator gathers and broadcasts. Messages are bytes made and read by
 `federation.messages.Codec` (safetensors + JSON metadata; never pickle); ARCHITECTURE.md lists them.
@@ -13,6 +16,7 @@ from FeatureCloud.app.engine.app import AppState, Role, State, app_state
 
 from federation import engine
 from federation.channel import PlainChannel, SecureChannel, open_channel
+from federation.selection import selection_report
 from federation.site import Site
 from outputs.results import build_metrics, privacy_report, write_results
 from webui import live_status
@@ -84,6 +88,11 @@ class FederatedState(AppState):
         self.update(message=message[:40], progress=progress, state=State.RUNNING)
         live_status.update(state=self.name, message=message)
 
+    def next_state(self, round_number):
+        """After a round: the coordinator's decision (the kept round so far, stop early?)."""
+        self.site.follow_decision(*self.await_broadcast(f"round_{round_number}"))
+        return "quantize" if self.site.training_done else "local_train"
+
     def round_progress(self, round_number):
         return 0.05 + 0.8 * round_number / self.site.config.max_iter
 
@@ -141,7 +150,8 @@ class Aggregate(FederatedState):
         live_status.update(site_accuracy=self.site.rounds[-1]["test_accuracy"])
         if self.is_coordinator:
             self.record_round(round_number)
-        return "local_train" if round_number < self.site.config.max_iter else "quantize"
+            self.broadcast(f"round_{round_number}", self.aggregator.decide())
+        return self.next_state(round_number)
 
     def record_round(self, round_number):
         """Coordinator: the federation's figures of this round, from the sites' test figures."""
@@ -183,7 +193,8 @@ class WriteResults(FederatedState):
         site, federation = self.site, self.site.codec.decode_report(*self.await_broadcast("final"), "final")
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation,
-                                privacy=privacy_report(site, self.channel.secure))
+                                privacy=privacy_report(site, self.channel.secure),
+                                selection=selection_report(site.decision, site.config.max_iter))
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},

@@ -16,6 +16,7 @@ import yaml
 
 from federation.coordinator import Coordinator
 from federation.secure import SecureCoordinator, SecureSite, Sum
+from federation.selection import selection_report
 from federation.site import Site
 from inputs.config import APP_KEY, CONFIG_FILE, read_app_section
 from testbed.relay import smpc_sum
@@ -83,12 +84,30 @@ def run_rounds(sites):
         for site in sites:
             site.receive_global("coordinator", next_global)
         coordinator.record_round(round_number, _pieces(site.evaluate_global() for site in sites))
+        if follow_decision(coordinator, sites):
+            break
     rows = coordinator.rounds
-    return {"rounds": rows, "accuracy": rows[-1]["test_accuracy"],
+    return {**kept_figures(rows, sites[0]),
             "site_test_accuracy": [[row["test_accuracy"] for row in site.rounds] for site in sites],
             "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
             # What crosses the network per round: every site's update + the broadcast to each.
             "bytes_per_round": (sum(uplink) + len(sites) * sum(downlink)) / len(downlink)}
+
+
+def follow_decision(coordinator, sites):
+    """The coordinator's `round_<r>` decision at every site (as the states do); whether training
+    is done (max_iter reached, or stopped early)."""
+    decision = coordinator.decide()
+    for site in sites:
+        site.follow_decision("coordinator", decision)
+    return sites[0].training_done
+
+
+def kept_figures(rows, site):
+    """The rounds, and the test accuracy of the round whose model is quantized and written."""
+    selection = selection_report(site.decision, site.config.max_iter)
+    return {"rounds": rows, "accuracy": rows[selection["kept_round"] - 1]["test_accuracy"],
+            "last_accuracy": rows[-1]["test_accuracy"], "selection": selection}
 
 
 def secure_sum(contributions):
@@ -126,9 +145,11 @@ def run_rounds_secure(sites):
             site.receive_global("coordinator", next_global)
         tests, _ = secure_sum([secure.test(f"test_{round_number}") for secure in secures])
         coordinator.record_round(round_number, tests)
+        if follow_decision(coordinator, sites):
+            break
     rows = coordinator.rounds
     sites[0].secure_run = (secures, coordinator)  # for quantize_sites
-    return {"rounds": rows, "accuracy": rows[-1]["test_accuracy"],
+    return {**kept_figures(rows, sites[0]),
             "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
             "bytes_per_round": (len(sites) * sum(uplink) + len(sites) * sum(downlink)) / len(downlink),
             "sum_seconds_per_round": statistics.mean(seconds)}

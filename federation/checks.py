@@ -102,8 +102,13 @@ def fraction(optional=False):
                  lambda v: _is_number(v) and 0 <= v <= 1, optional)  # NaN fails both comparisons
 
 
-def non_negative():
-    return Field("a finite number >= 0", lambda v: _is_number(v) and 0 <= v < math.inf)
+def non_negative(optional=False):
+    return Field("a finite number >= 0" + (" or null" if optional else ""),
+                 lambda v: _is_number(v) and 0 <= v < math.inf, optional)
+
+
+def flag():
+    return Field("true or false", lambda v: isinstance(v, bool))
 
 
 SHAPE = Field("a list of 1 to 8 integers in 1..10**6",
@@ -152,8 +157,10 @@ ARTIFACT = Record({"file": Field(f"one of {', '.join(ARTIFACT_NAMES)}", lambda v
                    "accuracy": fraction(), "size_bytes": count(10 ** 12),
                    "sha256": HEX_DIGEST, "digest": HEX_DIGEST})
 ARTIFACTS = ListOf(ARTIFACT, len(ARTIFACT_NAMES))
+# Validation figures are null where no site has a validation split (validation_fraction: 0).
 ROUND_ROW = Record({"round": count(MAX_ROUNDS), "train_loss": non_negative(), "train_accuracy": fraction(),
-                    "test_loss": non_negative(), "test_accuracy": fraction()})
+                    "test_loss": non_negative(), "test_accuracy": fraction(),
+                    "validation_loss": non_negative(optional=True), "validation_accuracy": fraction(optional=True)})
 # Each site as the coordinator saw it: what it claimed, the share of the averaging weight it got,
 # the rounds its update was left out of (robust aggregation: federation/robust.py).
 SITE_ROW = Record({"id": SITE_ID, "n_train": count(), "weight": fraction(),
@@ -163,7 +170,15 @@ REPORT_FIELDS = {
     "summary": {"n_train": count(), "n_test": count(), "input_shape": SHAPE, "n_classes": count(MAX_CLASSES)},
     "update": {"n_train": count(), "train_loss": non_negative(), "train_accuracy": fraction()},
     "global": {"federation_accuracy": fraction(optional=True)},
-    "test": {"n_test": count(), "test_loss": non_negative(), "test_accuracy": fraction()},
+    "test": {"n_test": count(), "test_loss": non_negative(), "test_accuracy": fraction(),
+             "n_validation": count(low=0), "validation_loss": non_negative(optional=True),
+             "validation_accuracy": fraction(optional=True)},
+    # The coordinator's decision after each round (federation.selection): which round's global
+    # model is kept so far, its federation validation loss, whether training stops now.
+    "decision": {"round": count(MAX_ROUNDS), "kept_round": count(MAX_ROUNDS), "stop": flag(),
+                 "best_validation_loss": non_negative(optional=True),
+                 "keep": Field("best or last", lambda v: v in ("best", "last")),
+                 "patience": count(MAX_ROUNDS, low=0)},
     "results": {"n_train": count(), "n_test": count(), "fp32": Record(FIGURES), "int8": Record(FIGURES),
                 "artifacts": ARTIFACTS},
     "final": {"rounds": ListOf(ROUND_ROW, MAX_ROUNDS),

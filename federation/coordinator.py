@@ -14,7 +14,8 @@ from federation.aggregate import weighted_average
 from federation.checks import SiteMismatchError, UpdateError
 from federation.messages import Codec, ModelMessage
 from federation.rules import rule_from_config
-from federation.summary import check_sites_fit, federation_results, federation_round
+from federation.selection import ModelSelection
+from federation.summary import check_sites_fit, check_validation_figures, federation_results, federation_round
 from quant import merge_calibration
 
 
@@ -23,6 +24,10 @@ class Coordinator:
         """`site`: the coordinator's own Site (its codec, model schema and parameter names)."""
         self.site = site
         self.rule = rule_from_config(site.config)
+        config = site.config
+        # QAT's float warm-up rounds have another model structure than the one converted.
+        first_candidate = config.qat_schedule()[0] if config.quant_type == "qat" else 1
+        self.selection = ModelSelection(config.keep, config.patience, config.max_iter, first_candidate)
         self.rounds = []         # federation-wide figures per round
         self._update_meta = []   # this round's update figures, for its row
         self.sites = {}          # sender -> what it claimed and what weight it got (the `final` message)
@@ -102,9 +107,18 @@ class Coordinator:
         """The round's federation-wide row from the sites' test figures."""
         _check_senders(pieces, "test")
         tests = [self.codec.decode_report(sender, data, "test") for sender, data in pieces]
+        for (sender, _), test in zip(pieces, tests):
+            check_validation_figures(sender, test)
         row = federation_round(round_number, self._update_meta, tests)
         self.rounds.append(row)
         return row
+
+    def decide(self):
+        """After record_round: which round's model is kept so far and whether training stops
+        (federation.selection), as the `round_<r>` message every site follows."""
+        row = self.rounds[-1]
+        decision = self.selection.observe(row["round"], row["validation_loss"])
+        return self.codec.encode_report(decision.to_meta())
 
     def merge_calibration(self, pieces, own_stats):
         """The federation's observer statistics from every site's."""

@@ -9,7 +9,7 @@ them, and posts one aggregate (floats again) to the coordinator. What the sums a
 |---|---|---|
 | `counts` | [n_train, n_test] | the federation's totals N, T |
 | `update_<r>` | (n_i/N) * (weights, control variates, train loss, train accuracy) | the weighted averages |
-| `test_<r>` | [n_test * loss, n_test * accuracy] | T * the federation's test figures |
+| `test_<r>` | [n_test * loss, n_test * accuracy, n_validation, n_validation * (loss, accuracy)] | T * the federation's test figures, V and V * its validation figures |
 | `calibration_range` | power-of-two magnitude counts of its activations | a range holding all sites' |
 | `calibration` | its activation histograms on the common grid | the federation's histograms |
 | `results` | [1, n_train, n_test, n_test * (fp32 and int8 accuracy and loss)] | the sums |
@@ -191,9 +191,12 @@ class SecureSite:
                             len(self.site.codec.encode_model(message)))
 
     def test(self, memo):
+        """Test and validation figures, each times its sample count (validation: 0 without a split)."""
         figures = self.site.evaluate_global_figures()
-        n = figures["n_test"]
-        vector = checked_vector([n * figures["test_loss"], n * figures["test_accuracy"]],
+        n, n_validation = figures["n_test"], figures["n_validation"]
+        validation = [n_validation * figures["validation_loss"], n_validation * figures["validation_accuracy"]] \
+            if n_validation else [0, 0]
+        vector = checked_vector([n * figures["test_loss"], n * figures["test_accuracy"], n_validation, *validation],
                                 COUNT_BOUND * FIGURE_BOUND, "the test figures")
         return Contribution(memo, vector, self._exponent(COUNT_BOUND * FIGURE_BOUND),
                             len(self.site.codec.encode_report(figures)))
@@ -284,13 +287,21 @@ class SecureCoordinator:
                                                     {"federation_accuracy": latest}))
 
     def record_round(self, round_number, test_sum):
-        loss, accuracy = test_sum.values(2) / self.totals["n_test"]
+        test_loss, test_accuracy, n_validation, *validation = test_sum.values(5)
+        n_validation = int(round(n_validation))
+        validation_loss, validation_accuracy = (float(value / n_validation) for value in validation) \
+            if n_validation > 0 else (None, None)
         (update,) = self.coordinator._update_meta
         row = {"round": round_number, "train_loss": update["train_loss"],
-               "train_accuracy": update["train_accuracy"], "test_loss": float(loss),
-               "test_accuracy": float(accuracy)}
+               "train_accuracy": update["train_accuracy"], "test_loss": float(test_loss / self.totals["n_test"]),
+               "test_accuracy": float(test_accuracy / self.totals["n_test"]),
+               "validation_loss": validation_loss, "validation_accuracy": validation_accuracy}
         self.rounds.append(row)
         return row
+
+    def decide(self):
+        """As without secure aggregation: from the federation's validation loss (a sum)."""
+        return self.coordinator.decide()
 
     def calibration_grid(self, range_sum, own_stats):
         """The common histogram range of every observer (broadcast as `calibration_grid`)."""

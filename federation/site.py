@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import quant
+from federation.checks import SiteMismatchError
 from federation.messages import Codec, ModelMessage
+from federation.selection import Decision
 from inputs.site_inputs import SiteInputs, load_site_inputs
 from outputs.atomic import copy_file
 from training import evaluate
@@ -37,6 +39,9 @@ class Site:
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # compute time by activity
     bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
     dp_report: dict = None                      # DP-SGD: budget, noise, epsilon spent
+    latest_global: ModelMessage = None          # the global model loaded last
+    kept_global: ModelMessage = None            # a copy of the kept round's (keep: best), if not the latest
+    decision: Decision = None                   # the coordinator's last `round_<r>` decision
 
     @classmethod
     def load(cls, input_dir):
@@ -99,7 +104,8 @@ class Site:
         with self.timed("evaluate"):
             result = self.local.evaluate(self.inputs.train_loader)
         self.rounds.append({"round": self.round, "train_loss": result.loss, "train_accuracy": result.accuracy,
-                            "test_loss": None, "test_accuracy": None})
+                            "test_loss": None, "test_accuracy": None,
+                            "validation_loss": None, "validation_accuracy": None})
         update = self.local_message(n_train=self.inputs.train_info.n, train_loss=result.loss,
                                     train_accuracy=result.accuracy)
         # What every model message must look like from now on (QAT's per-channel ranges take
@@ -110,20 +116,56 @@ class Site:
     def receive_global(self, sender, data):
         """Load the coordinator's global model; return its metadata."""
         message = self.codec.decode_global(sender, data)
-        quant.load_float_state(self.local.model, message.weights)
-        self.recipe.load_observer_stats(message.observers)
+        self.load_global(message)
         self.server_control = message.controls
         return message.meta
+
+    def load_global(self, message):
+        quant.load_float_state(self.local.model, message.weights)
+        self.recipe.load_observer_stats(message.observers)
+        self.latest_global = message
 
     def evaluate_global(self):
         """The test-figures message of the just-received global model."""
         return self.codec.encode_report(self.evaluate_global_figures())
 
     def evaluate_global_figures(self):
+        """The global model on this site's test set and on its validation split (null figures
+        and n_validation 0 without one)."""
         with self.timed("evaluate"):
             result = self.local.evaluate(self.inputs.test_loader)
-        self.rounds[-1].update(test_loss=result.loss, test_accuracy=result.accuracy)
-        return {"test_loss": result.loss, "test_accuracy": result.accuracy, "n_test": self.inputs.test_info.n}
+            validation = self.local.evaluate(self.inputs.validation_loader) if self.inputs.validation_loader else None
+        figures = {"test_loss": result.loss, "test_accuracy": result.accuracy,
+                   "validation_loss": validation.loss if validation else None,
+                   "validation_accuracy": validation.accuracy if validation else None}
+        self.rounds[-1].update(figures)
+        return {**figures, "n_test": self.inputs.test_info.n,
+                "n_validation": self.inputs.validation_info.n if validation else 0}
+
+    def follow_decision(self, sender, data):
+        """The coordinator's `round_<r>` decision: keep a copy of this round's global model when
+        it is the kept one and more rounds may follow; return whether training stops now."""
+        meta = self.codec.decode_report(sender, data, "decision")
+        decision = Decision(**meta)
+        if decision.round != self.round or decision.kept_round > self.round:
+            raise SiteMismatchError(f"site {sender}'s decision for round {decision.round} keeps round "
+                                    f"{decision.kept_round}, but this site is in round {self.round}",
+                                    sender, "bad decision")
+        self.decision = decision
+        if decision.kept_round == self.round and not self.training_done:
+            self.kept_global = _copy_of(self.latest_global)
+        return decision.stop
+
+    @property
+    def training_done(self):
+        return self.round >= self.config.max_iter or (self.decision is not None and self.decision.stop)
+
+    def restore_kept_global(self):
+        """Before calibration: the kept round's global model back in place of the latest (the
+        same at every site: every site loaded the same broadcast)."""
+        if self.kept_global is not None and self.decision.kept_round != self.round:
+            self.load_global(self.kept_global)
+        self.kept_global = None
 
     # ---- quantization -------------------------------------------------------------------
     def calibration_message(self):
@@ -135,9 +177,11 @@ class Site:
         return self.codec.encode_stats(self.own_stats)
 
     def finish_training(self):
-        """After the last round: DP-SGD's hooks removed, its budget report kept."""
+        """After the last round: DP-SGD's hooks removed, its budget report kept, the kept
+        round's global model restored (keep: best)."""
         if self.dp_report is None:
             self.dp_report = self.local.finish_private_training()
+        self.restore_kept_global()
 
     def convert(self, sender, data):
         """Convert to int8 with the federation's statistics (the coordinator's `qparams`)."""
@@ -170,7 +214,9 @@ class Site:
 
     def _measure_results(self):
         batch = next(iter(self.inputs.test_loader))[0]
+        validation = self.inputs.validation_info
         self.results = {"n_train": self.inputs.train_info.n, "n_test": self.inputs.test_info.n,
+                        "n_validation": validation.n if validation else 0,
                         "seconds": dict(self.seconds), "artifacts": self.artifacts}
         for precision, model in (("fp32", self.recipe.float_model), ("int8", self.recipe.int8_model)):
             result = evaluate(model, self.inputs.test_loader)
@@ -180,3 +226,11 @@ class Site:
                                        "latency_ms": quant.latency_ms(model, batch)}
         self.predictions["true"] = result.y_true
         return self.results
+
+
+def _copy_of(message):
+    """A ModelMessage whose tensors are copies (training changes the model's in place)."""
+    def copied(tensors):
+        return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+    return ModelMessage(copied(message.weights), copied(message.observers), copied(message.controls),
+                        dict(message.meta))

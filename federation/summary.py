@@ -20,12 +20,27 @@ def weighted_mean(reports, key, weight_key):
 
 
 def federation_round(round_number, updates, tests):
-    """One row of the federation-wide table: train figures weighted by n_train, test by n_test."""
+    """One row of the federation-wide table: train figures weighted by n_train, test by n_test,
+    validation by n_validation (over the sites with a validation split; null when none has)."""
+    validated = [test for test in tests if test["n_validation"] > 0]
     return {"round": round_number,
             "train_loss": weighted_mean(updates, "train_loss", "n_train"),
             "train_accuracy": weighted_mean(updates, "train_accuracy", "n_train"),
             "test_loss": weighted_mean(tests, "test_loss", "n_test"),
-            "test_accuracy": weighted_mean(tests, "test_accuracy", "n_test")}
+            "test_accuracy": weighted_mean(tests, "test_accuracy", "n_test"),
+            "validation_loss": weighted_mean(validated, "validation_loss", "n_validation") if validated else None,
+            "validation_accuracy":
+                weighted_mean(validated, "validation_accuracy", "n_validation") if validated else None}
+
+
+def check_validation_figures(sender, test):
+    """A site's test report has validation figures exactly when it has a validation split."""
+    has_split = test["n_validation"] > 0
+    if has_split != (test["validation_loss"] is not None) or has_split != (test["validation_accuracy"] is not None):
+        raise SiteMismatchError(f"site {sender} sent n_validation {test['n_validation']} with validation "
+                                f"figures {test['validation_loss']!r}, {test['validation_accuracy']!r}: figures "
+                                "must be numbers with a validation split and null without", sender,
+                                "bad test report")
 
 
 def federation_results(reports):

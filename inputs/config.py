@@ -16,6 +16,7 @@ import yaml
 
 from federation.robust import ROBUST_AGGREGATIONS
 from federation.rules import AGGREGATIONS
+from federation.selection import KEEPS
 from inputs.errors import InputError
 from quant import BACKENDS, QUANT_TYPES
 
@@ -83,6 +84,14 @@ class AppConfig:
     # and sample-level DP-SGD (Opacus) at every site: {epsilon, delta, max_grad_norm}.
     secure_aggregation: bool = False
     dp: dict | None = None
+    # Model selection (docs/federated.md, "Validation and model selection"): the share of each
+    # site's training data held out as its validation split (stratified by label, seeded; 0:
+    # none), which round's global model is quantized and written (best: the lowest federation
+    # validation loss; last: the last round's), and how many rounds without improvement of the
+    # federation validation loss stop training early (0: never).
+    validation_fraction: float = 0.1
+    keep: str = "best"
+    patience: int = 0
 
     def qat_schedule(self):
         """(first QAT round, BatchNorm freeze round, observer freeze round).
@@ -149,6 +158,9 @@ _RULES = {
     "secure_aggregation": ((bool,), lambda v: True, "true or false"),
     "dp": ((dict, type(None)), lambda v: v is None or _dp_problem(v) is None,
            "null, or {epsilon: number > 0, delta: number in (0, 1), max_grad_norm: number > 0}"),
+    "validation_fraction": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no validation split)"),
+    "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
+    "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
@@ -168,6 +180,8 @@ UPPER_BOUNDS = {
     "qat_freeze_bn_round": (10000, "a round number, and max_iter is at most 10000"),
     "qat_freeze_observers_round": (10000, "a round number, and max_iter is at most 10000"),
     "watchdog_seconds": (7 * 24 * 3600, "a week; a phase running longer than that hangs"),
+    "validation_fraction": (0.5, "more than half of the training data would be held out, not trained on"),
+    "patience": (10000, "rounds, and max_iter is at most 10000"),
 }
 
 
@@ -266,6 +280,7 @@ def parse_config(document, path=CONFIG_FILE):
         section["dp"] = {**DP_DEFAULTS, **section["dp"]}
     if "server_betas" in section:
         section["server_betas"] = tuple(section["server_betas"])  # frozen config, hashable
+    _default_keep(section, path)
     config = AppConfig(**section)
     if config.quant_type == "qat" and config.qat_warmup_rounds >= config.max_iter:
         raise InputError(path, f"must be less than max_iter ({config.max_iter}), so that some "
@@ -276,6 +291,22 @@ def parse_config(document, path=CONFIG_FILE):
         raise InputError(path, "scaffold does not combine with quant_type: qat (use fedavg, "
                          "fedavgm or fedadam, or quant_type: post_static)", key="aggregation")
     return config
+
+
+def _default_keep(section, path):
+    """Without a validation split there is nothing to select by: `keep` defaults to last, and
+    keep: best or patience set explicitly are refused."""
+    if section.get("validation_fraction", AppConfig.validation_fraction) > 0:
+        return
+    if section.get("keep") == "best":
+        raise InputError(path, "keep: best selects the round of lowest federation validation loss, "
+                         "but validation_fraction is 0 (no validation split); set validation_fraction "
+                         "(e.g. 0.1) or keep: last", key="keep")
+    if section.get("patience", 0) > 0:
+        raise InputError(path, "patience stops when the federation validation loss stops improving, "
+                         "but validation_fraction is 0 (no validation split); set validation_fraction "
+                         "(e.g. 0.1) or patience: 0", key="patience")
+    section.setdefault("keep", "last")
 
 
 DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0}

@@ -12,7 +12,7 @@ import numbers
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,14 @@ class DatasetInfo:
     input_shape: tuple   # one sample, e.g. (1, 28, 28)
     n_classes: int       # max label + 1
     labels: list         # sorted distinct labels
+    # every sample's label, in order (what a stratified validation split needs)
+    sample_labels: torch.Tensor = field(default=None, repr=False, compare=False)
+
+    def subset(self, indices):
+        """The description of the samples at `indices` (n and distinct labels; the class
+        count stays the whole set's: the model's outputs do not change)."""
+        labels = self.sample_labels[torch.as_tensor(indices, dtype=torch.long)]
+        return replace(self, n=len(indices), labels=torch.unique(labels).tolist(), sample_labels=labels)
 
 
 def load_dataset(path, key) -> Dataset:
@@ -214,7 +222,8 @@ def describe_dataset(dataset, path, key) -> DatasetInfo:
     labels, input_shape = _labels_and_shape(dataset, n, path, key)
     _check_labels(labels, path, key)
     distinct = torch.unique(labels).tolist()
-    return DatasetInfo(n=n, input_shape=input_shape, n_classes=int(distinct[-1]) + 1, labels=distinct)
+    return DatasetInfo(n=n, input_shape=input_shape, n_classes=int(distinct[-1]) + 1, labels=distinct,
+                       sample_labels=labels)
 
 
 def _labels_and_shape(dataset, n, path, key):

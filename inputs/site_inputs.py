@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from inputs.config import CONFIG_FILE, load_config
 from inputs.datasets import describe_dataset, load_dataset
 from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
 from inputs.train_function import check_train_function_supports, load_train_function
+from inputs.validation_split import split_for_validation
 from training import make_loader, seed_everything, train
 from training.privacy import unsupported_layers
 
@@ -23,12 +25,14 @@ class SiteInputs:
     input_dir: Path
     config: object          # inputs.config.AppConfig
     model: nn.Module        # the user's model, freshly built (seeded)
-    train_loader: object
+    train_loader: object    # the train set less the validation split: what is trained on
     test_loader: object
-    train_info: object      # inputs.datasets.DatasetInfo
+    train_info: object      # inputs.datasets.DatasetInfo (of what is trained on)
     test_info: object
     train_function: object  # the user's train(), or training.train
     device: str             # where training and float evaluation run
+    validation_loader: object = None  # the validation split (None: validation_fraction 0)
+    validation_info: object = None
 
     @property
     def config_file(self):
@@ -60,6 +64,7 @@ def load_site_inputs(input_dir) -> SiteInputs:
         raise InputError(test_path, f"inputs have shape {test_info.input_shape}, the train "
                          f"set's have {train_info.input_shape}", key="test_dataset")
     model = load_model(input_dir / config.model, config.model_class, config.model_kwargs)
+    train_set, train_info, validation = _hold_out_validation(train_set, train_info, config, input_dir / CONFIG_FILE)
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
     test_loader = make_loader(test_set, config.batch_size, shuffle=False)
     n_classes = max(train_info.n_classes, test_info.n_classes)
@@ -77,7 +82,19 @@ def load_site_inputs(input_dir) -> SiteInputs:
         train_function = load_train_function(path)
         check_train_function_supports(train_function, _keywords_needed(config), path)
     return SiteInputs(input_dir, config, model, train_loader, test_loader, train_info, test_info,
-                      train_function, resolve_device(config.device, input_dir / CONFIG_FILE))
+                      train_function, resolve_device(config.device, input_dir / CONFIG_FILE), *validation)
+
+
+def _hold_out_validation(train_set, train_info, config, config_path):
+    """(what is trained on, its DatasetInfo, (validation loader, its DatasetInfo) or (None, None)):
+    the validation split comes out of the training data, never the test set."""
+    if config.validation_fraction == 0:
+        return train_set, train_info, (None, None)
+    train_indices, validation_indices = split_for_validation(
+        train_info.sample_labels, config.validation_fraction, config.seed, config_path)
+    validation_loader = make_loader(Subset(train_set, validation_indices), config.batch_size, shuffle=False)
+    return (Subset(train_set, train_indices), train_info.subset(train_indices),
+            (validation_loader, train_info.subset(validation_indices)))
 
 
 def _keywords_needed(config):

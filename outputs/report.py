@@ -97,10 +97,18 @@ def _summary_section(metrics):
                        f"{_count(federation.get('n_train'))} train, "
                        f"{_count(federation.get('n_test'))} test samples"),
         ("Rounds", _count(len(metrics.get("rounds") or []))),
+        ("Model written", _selection_text(metrics.get("selection"))),
     ]
     body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"
                    for name, value in rows)
     return f"<h2>Run</h2><table class='summary' id='summary'>{body}</table>"
+
+
+def _selection_text(selection):
+    """Which round's global model was quantized and written, and why (federation.selection)."""
+    if not selection:
+        return MISSING
+    return f"round {selection['kept_round']}: {selection['reason']}"
 
 
 def _comparison_section(metrics, figure_path):
@@ -176,7 +184,8 @@ def _rounds_section(metrics, figure_path):
     federation_rows = {row["round"]: row
                        for row in (metrics.get("federation") or {}).get("rounds") or []}
     columns = (("train_loss", "train loss", _loss), ("train_accuracy", "train acc.", _percent),
-               ("test_loss", "test loss", _loss), ("test_accuracy", "test acc.", _percent))
+               ("test_loss", "test loss", _loss), ("test_accuracy", "test acc.", _percent),
+               ("validation_loss", "val. loss", _loss), ("validation_accuracy", "val. acc.", _percent))
     group_head = (f"<tr><th rowspan='2'>Round</th><th colspan='{len(columns)}'>This site</th>"
                   f"<th colspan='{len(columns)}'>Federation</th></tr>")
     column_head = "<tr>" + "".join(f"<th>{name}</th>" for _, name, _ in columns) * 2 + "</tr>"
@@ -195,8 +204,9 @@ def _rounds_section(metrics, figure_path):
         "off mean more rounds would add little.</p>",
         f"<table id='rounds'>{group_head}{column_head}{''.join(body)}</table>",
         "<p class='caption'>Train figures are measured during local training in that round; "
-        "test figures are those of the global model that the round produced "
-        f"({MISSING}: not measured).</p>",
+        "test and validation figures are those of the global model that the round produced "
+        f"({MISSING}: not measured). The validation split is held out of each site's training "
+        "data; the federation's validation loss selects the round written (Run: Model written).</p>",
     ])
 
 

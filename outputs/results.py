@@ -9,7 +9,7 @@ from outputs.atomic import atomic_open, copy_file, save_torch, write_text
 from outputs.predictions import write_predictions
 from outputs.report import write_report
 
-FIGURES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+FIGURES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "validation_loss", "validation_accuracy")
 
 
 def write_results(output_dir, config_file, float_model, metrics, predictions):
@@ -26,9 +26,11 @@ def write_results(output_dir, config_file, float_model, metrics, predictions):
     write_report(output_dir, metrics, predictions["true"], predictions["int8"], Path(config_file).read_text())
 
 
-def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation, privacy=None):
+def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation, privacy=None,
+                  selection=None):
     """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config
-    (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget)."""
+    (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget;
+    `selection`: which round's model was written and why, federation.selection.selection_report)."""
     metrics = {
         "site": site_info,
         "backend": config.backend,
@@ -36,6 +38,7 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
         "quantization_mode": quantization_mode,
         "n_train": results["n_train"],
         "n_test": results["n_test"],
+        "n_validation": results.get("n_validation", 0),
         "rounds": [{**row, "bytes_sent": _round_bytes(bytes_sent, row["round"])} for row in rounds],
         "fp32": results["fp32"],
         "int8": results["int8"],
@@ -45,6 +48,7 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
         "federation": {**federation["figures"], "rounds": federation["rounds"],
                        "sites": federation.get("sites", [])},
         "config": config.to_dict(),
+        "selection": selection,
     }
     if privacy is not None:
         metrics["privacy"] = privacy

@@ -125,4 +125,4 @@ def test_bad_input_is_named(case, tmp_path):
 
 def test_sample_site_loads(tmp_path):
     site = Site.load(site_dir(tmp_path))
-    assert site.inputs.summary() == {"n_train": 1333, "n_test": 334, "input_shape": [1, 28, 28], "n_classes": 10}
+    assert site.inputs.summary() == {"n_train": 1200, "n_test": 334, "input_shape": [1, 28, 28], "n_classes": 10}

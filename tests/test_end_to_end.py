@@ -30,7 +30,9 @@ def test_metrics_json_and_csv(run):
         metrics = read_metrics(site_dir)
         assert metrics["backend"] == "x86" and metrics["quant_type"] == "post_static"
         assert metrics["site"]["coordinator"] == (index == 1)
-        assert metrics["n_train"] + metrics["n_test"] in (1666, 1667)
+        # 10 % of each site's training data is its validation split (validation_fraction's default)
+        assert metrics["n_train"] + metrics["n_validation"] + metrics["n_test"] in (1666, 1667)
+        assert metrics["n_validation"] == 133
         assert [row["round"] for row in metrics["rounds"]] == [1, 2, 3, 4, 5]
         for row in metrics["rounds"]:
             assert 0 <= row["test_accuracy"] <= 1 and row["train_loss"] > 0
@@ -48,7 +50,7 @@ def test_federation_figures_meet_the_targets_and_agree_across_sites(run):
     federations = [read_metrics(site_dir)["federation"] for site_dir in run.site_outputs]
     assert federations[0] == federations[1] == federations[2]
     federation = federations[0]
-    assert federation["n_sites"] == 3 and federation["n_train"] == 4000 and federation["n_test"] == 1000
+    assert federation["n_sites"] == 3 and federation["n_train"] == 3601 and federation["n_test"] == 1000
     assert len(federation["rounds"]) == 5
     assert federation["fp32"]["accuracy"] >= 0.93
     assert federation["int8"]["accuracy"] >= federation["fp32"]["accuracy"] - 0.01

@@ -24,9 +24,10 @@ EXPECTED_MATRIX = [[2, 1, 0],
 CONFIG_TEXT = "fc_quantized_cnn:\n  model: model.py  # <b>not bold</b> & co\n  max_iter: 3\n"
 
 
-def round_row(number, test_loss, test_accuracy):
+def round_row(number, test_loss, test_accuracy, validation_loss=None, validation_accuracy=None):
     return {"round": number, "train_loss": 1.0 / number, "train_accuracy": 0.7 + 0.05 * number,
-            "test_loss": test_loss, "test_accuracy": test_accuracy}
+            "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "validation_loss": validation_loss, "validation_accuracy": validation_accuracy}
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def metrics():
         "int8": {"accuracy": 0.952, "loss": 0.16, "size_bytes": 52000, "latency_ms": 1.2},
         "federation": {
             "n_sites": 3, "n_train": 4000, "n_test": 1000,
-            "rounds": [round_row(1, 0.55, 0.83), round_row(2, 0.41, 0.88),
+            "rounds": [round_row(1, 0.55, 0.83, 0.52, 0.84), round_row(2, 0.41, 0.88),
                        round_row(3, 0.30, 0.93)],
             "fp32": {"accuracy": 0.953, "loss": 0.15}, "int8": {"accuracy": 0.951, "loss": 0.16},
         },
@@ -144,11 +145,11 @@ def test_rounds_table_lists_site_and_federation_per_round(report, metrics):
     data_rows = [row for row in table if row and row[0].isdigit()]
     assert [row[0] for row in data_rows] == ["1", "2", "3"]
     round_one = data_rows[0]
-    # Round | site: train loss, train acc, test loss, test acc | federation: the same four
-    assert round_one[1:] == ["1.0000", "75.00 %", "0.6100", "81.00 %",
-                             "1.0000", "75.00 %", "0.5500", "83.00 %"]
+    # Round | site: train loss, train acc, test loss, test acc, val. loss, val. acc | federation: the same six
+    assert round_one[1:] == ["1.0000", "75.00 %", "0.6100", "81.00 %", "n/a", "n/a",
+                             "1.0000", "75.00 %", "0.5500", "83.00 %", "0.5200", "84.00 %"]
     assert data_rows[1][3:5] == ["n/a", "n/a"], "unknown test metrics must read n/a"
-    assert data_rows[2][7:9] == ["0.3000", "93.00 %"]
+    assert data_rows[2][9:11] == ["0.3000", "93.00 %"]
 
 
 def test_confusion_table_holds_the_counts(report):
@@ -238,3 +239,10 @@ def test_predictions_accept_integral_floats_and_reject_other_values(tmp_path):
 def test_predictions_of_different_lengths_are_refused(tmp_path):
     with pytest.raises(ValueError, match="same length"):
         write_predictions(tmp_path, [0, 1, 2], [0, 1], [0, 1, 2])
+
+
+def test_summary_says_which_rounds_model_was_written_and_why(tmp_path, metrics):
+    metrics["selection"] = {"kept_round": 2, "reason": "best validation loss 0.410 at round 2 of 3"}
+    summary = {row[0]: row[1:] for row in read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED,
+                                                                 CONFIG_TEXT)).tables["summary"]}
+    assert summary["Model written"] == ["round 2: best validation loss 0.410 at round 2 of 3"]

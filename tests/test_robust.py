@@ -37,13 +37,17 @@ FINAL = {"rounds": [{"round": 1, "train_loss": 0.4, "train_accuracy": 0.9, "test
     ("update", {"train_accuracy": 1e300}, "'train_accuracy' is 1e+300: expected a number in [0, 1]"),
     ("update", {"train_accuracy": float("nan")}, "'train_accuracy' is nan: expected a number in [0, 1]"),
     ("test", {"n_test": 0}, "'n_test' is 0: expected an integer in 1..10**9"),
+    ("test", {"n_validation": -1}, "'n_validation' is -1: expected an integer in 0..10**9"),
+    ("test", {"validation_loss": float("nan")}, "'validation_loss' is nan: expected a finite number >= 0 or null"),
+    ("test", {"validation_accuracy": 1.2}, "'validation_accuracy' is 1.2: expected a number in [0, 1] or null"),
     ("global", {"federation_accuracy": 1.5}, "'federation_accuracy' is 1.5: expected a number in [0, 1] or null"),
     ("summary", {"input_shape": [1, 0, 28]}, "'input_shape' is [1, 0, 28]"),
     ("results", {"int8": {"accuracy": 0.9, "loss": float("nan")}}, "'int8.loss' is nan"),
 ])
 def test_report_fields_are_range_checked_naming_the_site(kind, change, text):
     good = {"update": UPDATE, "global": {"federation_accuracy": None},
-            "test": {"n_test": 5, "test_loss": 0.2, "test_accuracy": 0.9},
+            "test": {"n_test": 5, "test_loss": 0.2, "test_accuracy": 0.9, "n_validation": 0,
+                     "validation_loss": None, "validation_accuracy": None},
             "summary": {"n_train": 5, "n_test": 5, "input_shape": [1, 28, 28], "n_classes": 10},
             "results": {"n_train": 5, "n_test": 5, "fp32": {"accuracy": 0.9, "loss": 0.1},
                         "int8": {"accuracy": 0.9, "loss": 0.1}, "artifacts": []}}[kind]

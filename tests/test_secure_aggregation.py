@@ -103,10 +103,11 @@ def test_secure_run_matches_the_plain_run(tmp_path):
                                        other[key].int_repr() if other[key].is_quantized else other[key]), key
     (plain_rows, plain), (secure_rows, secure) = results[False], results[True]
     for plain_row, secure_row in zip(plain_rows, secure_rows):
-        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "validation_loss",
+                    "validation_accuracy"):
             assert secure_row[key] == pytest.approx(plain_row[key], abs=1e-4)
     for name, value in models[False][0].items():
         assert torch.allclose(models[True][0][name], value, atol=1e-6), name
     assert secure["fp32"]["accuracy"] == pytest.approx(plain["fp32"]["accuracy"], abs=1e-4)
     assert abs(secure["int8"]["accuracy"] - plain["int8"]["accuracy"]) <= 1 / 144 + 1e-6  # one test sample
-    assert (secure["n_sites"], secure["n_train"], secure["n_test"]) == (3, 288, 144)
+    assert (secure["n_sites"], secure["n_train"], secure["n_test"]) == (3, 259, 144)
