@@ -157,7 +157,8 @@ _RULES = {
     "watchdog_seconds": ((int, float), lambda v: v > 0, "a number of seconds > 0"),
     "secure_aggregation": ((bool,), lambda v: True, "true or false"),
     "dp": ((dict, type(None)), lambda v: v is None or _dp_problem(v) is None,
-           "null, or {epsilon: number > 0, delta: number in (0, 1), max_grad_norm: number > 0}"),
+           "null, or {epsilon: number > 0, delta: number in (0, 1), max_grad_norm: number > 0, "
+           "batch_size: whole number >= 1, learning_rate: number > 0}"),
     "validation_fraction": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no validation split)"),
     "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
     "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
@@ -309,8 +310,10 @@ def _default_keep(section, path):
     section.setdefault("keep", "last")
 
 
-DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0}
-_DP_KEYS = ("epsilon", "delta", "max_grad_norm")
+# batch_size and learning_rate are DP-SGD's own (SGD with momentum, expected Poisson batch);
+# why these values: docs/privacy.md, "Choosing the DP defaults".
+DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05}
+_DP_KEYS = ("epsilon", "delta", "max_grad_norm", "batch_size", "learning_rate")
 
 
 def _number(value):
@@ -329,6 +332,10 @@ def _dp_problem(dp):
         return "delta must be a number in (0, 1)"
     if not _number(dp["max_grad_norm"]) or not 0 < dp["max_grad_norm"] < float("inf"):
         return "max_grad_norm must be a number > 0"
+    if isinstance(dp["batch_size"], bool) or not isinstance(dp["batch_size"], int) or dp["batch_size"] < 1:
+        return "batch_size must be a whole number >= 1"
+    if not _number(dp["learning_rate"]) or not 0 < dp["learning_rate"] < float("inf"):
+        return "learning_rate must be a number > 0"
     return None
 
 

@@ -18,12 +18,16 @@ BASE = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
 
 def test_dp_settings_and_defaults():
     config = parse_config({**BASE, "dp": {"epsilon": 3}})
-    assert config.dp == {"epsilon": 3, "delta": 1e-5, "max_grad_norm": 1.0}
+    assert config.dp == {"epsilon": 3, "delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05}
+    settings = DPSettings.from_config(parse_config({**BASE, "dp": {"epsilon": 3, "batch_size": 64}}).dp)
+    assert (settings.batch_size, settings.learning_rate) == (64, 0.05)
     assert parse_config(dict(BASE)).dp is None
 
 
 @pytest.mark.parametrize("dp", [{"epsilon": 0}, {"epsilon": 1, "delta": 1}, {"epsilon": 1, "max_grad_norm": -1},
-                                {"epsilon": 1, "sigma": 2}, {"delta": 1e-5}, "yes"])
+                                {"epsilon": 1, "sigma": 2}, {"delta": 1e-5}, "yes",
+                                {"epsilon": 1, "batch_size": 0}, {"epsilon": 1, "batch_size": 3.5},
+                                {"epsilon": 1, "learning_rate": 0}])
 def test_bad_dp_settings_are_refused(dp):
     with pytest.raises(InputError) as error:
         parse_config({**BASE, "dp": dp})
@@ -79,6 +83,36 @@ def test_the_whole_run_stays_within_the_budget(epsilon=2.0):
     copy.deepcopy(model)  # quantization copies the model: nothing of Opacus is left in it
 
 
+def test_noise_is_calibrated_for_every_step_at_the_dp_batch_rate(epsilon=2.0):
+    """The noise multiplier comes from all rounds x epochs at rate dp batch / n_train (not one
+    round's steps, not the loader's batch), and the full run spends most of the budget."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    settings = DPSettings(epsilon, 1e-5, 1.0, batch_size=40, learning_rate=0.05)
+    private = PrivateTraining(model, torch.optim.SGD(model.parameters(), lr=0.05), _tiny_loader(), settings,
+                              total_epochs=8)
+    assert private.sample_rate == pytest.approx(40 / 200)  # the loader's batch is 20
+    expected = get_noise_multiplier(target_epsilon=epsilon, target_delta=1e-5, sample_rate=0.2, steps=8 * 5,
+                                    accountant="rdp")
+    one_round = get_noise_multiplier(target_epsilon=epsilon, target_delta=1e-5, sample_rate=0.2, steps=2 * 5,
+                                     accountant="rdp")
+    assert private.noise_multiplier == pytest.approx(expected, rel=0.01) and private.noise_multiplier > 1.3 * one_round
+    for _ in range(4):  # 4 rounds x 2 epochs = the 8 planned
+        private.train(train, 2, 0.05, "cpu")
+    assert private.steps == 8 * 5
+    assert 0.8 * epsilon < private.epsilon_spent() <= epsilon * 1.001
+
+
+def test_a_site_trains_dp_with_sgd_momentum_at_the_dp_learning_rate(tmp_path):
+    clients, generic = make_tiny_federation(tmp_path, dp={"epsilon": 4, "learning_rate": 0.07}, max_iter=1)
+    (site,) = load_sites(clients[:1], generic)
+    run_rounds([site])
+    optimizer = site.local.private.optimizer.original_optimizer
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == 0.07 and optimizer.param_groups[0]["momentum"] == 0.9
+
+
 def test_clipping_bounds_every_samples_influence():
     """With max_grad_norm C, noise and lr fixed, one SGD step moves the weights by at most
     lr * (C * batch + noise) / expected batch: huge inputs do not make a huge step."""
@@ -103,7 +137,8 @@ def test_federated_dp_with_secure_aggregation_reports_epsilon(tmp_path):
     for site in sites:
         report = site.dp_report
         assert 0 < report["epsilon_spent"] <= 4 * 1.001 and report["delta"] == 1e-4
-        assert report["steps"] > 0 and report["sample_rate"] == pytest.approx(1 / len(site.inputs.train_loader))
+        n_train = len(site.inputs.train_loader.dataset)
+        assert report["steps"] > 0 and report["sample_rate"] == pytest.approx(min(1, 128 / n_train), rel=0.05)
     assert 0 <= figures["int8"]["accuracy"] <= 1
 
 

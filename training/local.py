@@ -7,7 +7,7 @@ import torch
 
 from inputs.train_function import call_train_function
 from training.loop import evaluate, make_optimizer
-from training.privacy import DPSettings, PrivateTraining
+from training.privacy import DPSettings, PrivateTraining, dp_optimizer
 from training.scaffold import ControlVariates
 
 
@@ -64,11 +64,11 @@ class LocalTraining:
         for the whole run so that the accountant sees every step."""
         with self.on_device() as device:
             if self.private is None:
-                self.private = PrivateTraining(self.model, make_optimizer(self.model, self.learning_rate),
+                self.private = PrivateTraining(self.model, dp_optimizer(self.model, self.dp),
                                                self.train_loader, self.dp, self.total_epochs or self.epochs)
             elif not self.keep_optimizer_state:
                 self.private.reset_optimizer_state()
-            self.private.train(self.train_function, self.epochs, self.learning_rate, device)
+            self.private.train(self.train_function, self.epochs, self.dp.learning_rate, device)
 
     def finish_private_training(self):
         """The model without Opacus' hooks (before quantization copies it); DP's report."""

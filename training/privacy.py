@@ -34,10 +34,25 @@ class DPSettings:
     epsilon: float
     delta: float
     max_grad_norm: float
+    # DP-SGD's own batch and step (docs/privacy.md says why they differ from plain training's):
+    # the expected Poisson batch (None: the train loader's) and SGD's learning rate (None: the
+    # optimizer given to PrivateTraining is used as it is).
+    batch_size: int = None
+    learning_rate: float = None
 
     @classmethod
     def from_config(cls, dp):
-        return None if dp is None else cls(float(dp["epsilon"]), float(dp["delta"]), float(dp["max_grad_norm"]))
+        if dp is None:
+            return None
+        return cls(float(dp["epsilon"]), float(dp["delta"]), float(dp["max_grad_norm"]),
+                   int(dp["batch_size"]), float(dp["learning_rate"]))
+
+
+def dp_optimizer(model, settings: DPSettings):
+    """DP-SGD's optimizer: SGD with momentum 0.9. Not Adam: under DP, Adam's second moment
+    is dominated by the noise, so its step shrinks as the noise grows; a small site, which
+    carries more noise than the union would, then barely moves in a federated round."""
+    return torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
 
 
 def unsupported_layers(model):
@@ -90,7 +105,7 @@ class PrivateTraining:
         context = _quiet()
         try:
             self.engine = PrivacyEngine(accountant="rdp")
-            loader = DPDataLoader.from_data_loader(train_loader, generator=self.generator)
+            loader = self._poisson_loader(train_loader, DPDataLoader)
             self.module, self.optimizer, self.loader = self.engine.make_private_with_epsilon(
                 module=model, optimizer=optimizer, data_loader=loader,
                 target_epsilon=settings.epsilon, target_delta=settings.delta, epochs=total_epochs,
@@ -98,8 +113,17 @@ class PrivateTraining:
                 noise_generator=self.generator)
         finally:
             context.__exit__(None, None, None)
-        self.sample_rate = 1 / len(train_loader)
+        self.sample_rate = 1 / len(loader)  # what Opacus' accountant uses
         self.noise_multiplier = float(self.optimizer.noise_multiplier)
+
+    def _poisson_loader(self, train_loader, loader_class):
+        """Poisson sampling with rate dp batch_size / n_train (the train loader's batch when
+        the settings name none), as the accountant assumes."""
+        if self.settings.batch_size is None:
+            return loader_class.from_data_loader(train_loader, generator=self.generator)
+        n_train = len(train_loader.dataset)
+        return loader_class(train_loader.dataset, sample_rate=min(1.0, self.settings.batch_size / n_train),
+                            collate_fn=train_loader.collate_fn, generator=self.generator)
 
     def reset_optimizer_state(self):
         """A fresh optimizer state (keep_optimizer_state: false) behind the same DP wrapper."""
