@@ -49,6 +49,43 @@ def update_distances(previous, states):
     return distances
 
 
+def update_changes(previous, states):
+    """Each state's change (state - previous), flattened to one float64 vector over the entries
+    that update_distances measures, in the same order for every state."""
+    names = [name for name, old in previous.items() if old.is_floating_point()]
+    changes = []
+    for state in states:
+        parts = [(state[name].double() - previous[name].double()).flatten() for name in names
+                 if name in state and state[name].shape == previous[name].shape]
+        changes.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
+    return changes
+
+
+def update_cosines(previous, states):
+    """[cosine similarity of each state's change to the coordinate-wise median of the other
+    states' changes] (None where either has norm 0: no direction to judge); from MIN_SITES on.
+
+    The median of the others, not their mean: one scaled or flipped update would drag a mean
+    away from the honest sites' direction, making them look like the odd ones out."""
+    changes = update_changes(previous, states)
+    if len(changes) < MIN_SITES or len({change.numel() for change in changes}) != 1:
+        return []
+    cosines = []
+    for index, change in enumerate(changes):
+        others = torch.stack(changes[:index] + changes[index + 1:])
+        reference = _coordinate_median(others)
+        norms = change.norm() * reference.norm()
+        cosines.append(None if norms == 0 else (change @ reference / norms).item())
+    return cosines
+
+
+def find_direction_outliers(cosines, min_cosine):
+    """[(index, cosine)] of the cosines below `min_cosine` (None: no check)."""
+    if min_cosine is None:
+        return []
+    return [(index, cosine) for index, cosine in enumerate(cosines) if cosine is not None and cosine < min_cosine]
+
+
 def find_outliers(distances, factor):
     """[(index, ratio)] of the distances more than `factor` times the median of the others'.
 
@@ -134,12 +171,15 @@ def trimmed_mean(previous, states, weights, fraction=TRIM_FRACTION):
     return _per_coordinate(states, lambda values: values.sort(dim=0).values[trim:len(states) - trim].mean(dim=0))
 
 
+def _coordinate_median(values):
+    """The median along dim 0 (for an even count, the mean of the two middle values)."""
+    ordered, n = values.sort(dim=0).values, len(values)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 def median(previous, states, weights):
     """Per coordinate: the median (for an even count, the mean of the two middle values)."""
-    def middle(values):
-        ordered, n = values.sort(dim=0).values, len(states)
-        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    return _per_coordinate(states, middle)
+    return _per_coordinate(states, _coordinate_median)
 
 
 COMBINE = {"none": weighted_mean, "norm_clip": norm_clip, "trimmed_mean": trimmed_mean, "median": median}
