@@ -73,9 +73,7 @@ class Coordinator:
         config = self.site.config
         states = [update.weights for update in updates]
         far = robust.find_outliers(robust.update_distances(previous, states), config.outlier_factor)
-        # The direction check costs a median per site: skipped when switched off.
-        cosines = robust.update_cosines(previous, states) if config.min_cosine is not None else []
-        astray = robust.find_direction_outliers(cosines, config.min_cosine)
+        astray = robust.find_direction_outliers(previous, states, config.min_cosine)
         if config.robust_aggregation == "none" and (far or astray):
             raise _outlier_error(config, senders, far, astray)
         round_number = len(self.rounds) + 1

@@ -63,27 +63,42 @@ def update_changes(previous, states):
 
 def update_cosines(previous, states):
     """[cosine similarity of each state's change to the coordinate-wise median of the other
-    states' changes] (None where either has norm 0: no direction to judge); from MIN_SITES on.
+    states' changes] (None where either has norm 0: no direction to judge); from MIN_SITES on."""
+    return _cosines(update_changes(previous, states))
 
-    The median of the others, not their mean: one scaled or flipped update would drag a mean
+
+def _cosines(changes):
+    """The median of the others, not their mean: one scaled or flipped update would drag a mean
     away from the honest sites' direction, making them look like the odd ones out."""
-    changes = update_changes(previous, states)
     if len(changes) < MIN_SITES or len({change.numel() for change in changes}) != 1:
         return []
     cosines = []
     for index, change in enumerate(changes):
-        others = torch.stack(changes[:index] + changes[index + 1:])
-        reference = _coordinate_median(others)
+        reference = _coordinate_median(torch.stack(changes[:index] + changes[index + 1:]))
         norms = change.norm() * reference.norm()
         cosines.append(None if norms == 0 else (change @ reference / norms).item())
     return cosines
 
 
-def find_direction_outliers(cosines, min_cosine):
-    """[(index, cosine)] of the cosines below `min_cosine` (None: no check)."""
+def find_direction_outliers(previous, states, min_cosine):
+    """[(index, cosine)] of the updates pointing elsewhere: repeatedly the one with the lowest
+    cosine, if below `min_cosine`, is set aside and the rest measured again, while MIN_SITES
+    remain. One at a time because a hostile update also moves the others' reference: with 3
+    sites, a flipped one cancels the honest direction in each honest site's reference, and
+    all three would fall below the bound. `min_cosine` None: no check."""
     if min_cosine is None:
         return []
-    return [(index, cosine) for index, cosine in enumerate(cosines) if cosine is not None and cosine < min_cosine]
+    changes = update_changes(previous, states)
+    remaining, found = list(range(len(changes))), []
+    while len(remaining) >= MIN_SITES:
+        cosines = _cosines([changes[index] for index in remaining])
+        judged = [(cosine, index) for index, cosine in zip(remaining, cosines) if cosine is not None]
+        if not judged or min(judged)[0] >= min_cosine:
+            break
+        cosine, index = min(judged)
+        found.append((index, cosine))
+        remaining.remove(index)
+    return found
 
 
 def find_outliers(distances, factor):

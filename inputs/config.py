@@ -77,7 +77,7 @@ class AppConfig:
     # on; null: no check).
     robust_aggregation: str = "none"
     outlier_factor: float | None = 4.0
-    min_cosine: float | None = 0.0
+    min_cosine: float | None = 0.02
     max_site_weight: float | None = 0.5
     # A phase of local work (loading inputs, a round's training, evaluation, calibration,
     # conversion, writing outputs) that runs longer is taken to hang: the site stops with an
