@@ -166,6 +166,17 @@ def test_a_random_direction_update_is_flagged_and_skewed_honest_ones_are_not(n_s
         assert robust.find_direction_outliers(previous, poisoned, None) == []
 
 
+def test_the_direction_check_judges_nothing_when_the_others_share_no_direction():
+    # Near convergence honest changes are mostly SGD noise: all cosines about 0.
+    previous = {"w": torch.zeros(60_000)}
+    converged = skewed_changes(5, skew=20.0)  # cosines about 0.0025
+    assert max(abs(cosine) for cosine in robust.update_cosines(previous, converged)) < robust.AGREEMENT_COSINE
+    assert robust.find_direction_outliers(previous, converged, 0.02) == []
+    noise = torch.randn(60_000, generator=torch.Generator().manual_seed(9))  # judged in a round with a direction
+    agreeing = skewed_changes(5, skew=2.0)
+    assert robust.find_direction_outliers(previous, [*agreeing[:4], {"w": noise}], 0.02)[0][0] == 4
+
+
 def test_the_direction_check_needs_three_sites_and_skips_zero_changes():
     previous = {"w": torch.zeros(4), "count": torch.tensor(3)}
     assert robust.update_cosines(previous, states(1, -1)) == []  # two sites: which one is wrong?
