@@ -129,17 +129,17 @@ def hostile_delivery(attack, seen_ids):
 
     original = Relay._deliver
 
-    def deliver(relay, sender_id, receiver, memo, data):
+    def deliver(relay, sender_id, receiver, memo, data, *more, **named):
         seen_ids.update({site.index: site.id for site in relay.sites})
         sender = relay.sites_by_id.get(sender_id)
         if attack == "duplicate" and memo == "update_1" and sender is not None and sender.index == HOSTILE:
-            original(relay, sender_id, receiver, memo, data)
+            original(relay, sender_id, receiver, memo, data, *more, **named)
         if attack == "forged_global" and memo == "global_1" and receiver.index == HOSTILE:
             tensors, meta = payload.decode(data, "coordinator")
             forged = {name: -tensor if name.startswith("w/") and tensor.is_floating_point() else tensor
                       for name, tensor in tensors.items()}
             original(relay, UNKNOWN_SENDER, receiver, memo, payload.encode(forged, meta))
-        original(relay, sender_id, receiver, memo, data)
+        original(relay, sender_id, receiver, memo, data, *more, **named)
 
     Relay._deliver = deliver
     try:
