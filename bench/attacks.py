@@ -2,14 +2,16 @@
 naming it? (docs/attacks.md)
 
     python -m bench.attacks [--out bench/results/attacks.json] [--settings default,median,...]
-        [--attacks sign_flip,scaled,...] [--jobs 2]
+        [--attacks sign_flip,scaled,...] [--seeds 0,1,2] [--rounds 3] [--jobs 2]
 
 The sample's 5,000 digits (its train and test tensors pooled) are re-split into 5 IID sites
-(`testbed.split.split_dataset`, seed 0); every run uses the sample's config.yml with short
-training (3 rounds x 1 epoch). Site 1 is the coordinator, site 2 the hostile one. For each
-attack and each setting (the defaults, and each `robust_aggregation` method) a run passes when
-it either stops within 60 s with an error that names the hostile site, or finishes with a
-federation int8 accuracy within 1 point of the honest run with the same setting.
+(`testbed.split.split_dataset`; seed s: split seed s, config seed 42 + s); every run uses the
+sample's config.yml with short training (`--rounds`, default 3, x 1 epoch). Site 1 is the
+coordinator, site 2 the hostile one. For each attack and each setting (the defaults, and each
+`robust_aggregation` method) a run passes when it either stops within 60 s with an error that
+names the hostile site, or finishes with a federation int8 accuracy within 1 point of the
+honest run with the same setting and seed; over several seeds, the mean accuracies are
+compared. The transport-level attacks run with the first seed only.
 
 Model-level attacks run in one process through `bench.simulate` (the production path minus
 transport): the hostile site's messages are decoded, tampered with and re-encoded, every round.
@@ -29,6 +31,7 @@ import json
 import math
 import multiprocessing
 import re
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager
@@ -94,7 +97,7 @@ def _make_hostile(site, attack):
 
 def run_in_process(job):
     """One federation in this process: {outcome, seconds, message, int8_accuracy}."""
-    federation_dir, attack, setting = job
+    federation_dir, attack, setting, _ = job
     torch.set_num_threads(1)  # LeNet on batches of 32: one thread per run is fastest
     started = time.perf_counter()
     clients = sorted(Path(federation_dir).glob("client_*"))
@@ -126,17 +129,17 @@ def hostile_delivery(attack, seen_ids):
 
     original = Relay._deliver
 
-    def deliver(relay, sender_id, receiver, memo, data):
+    def deliver(relay, sender_id, receiver, memo, data, *more, **named):
         seen_ids.update({site.index: site.id for site in relay.sites})
         sender = relay.sites_by_id.get(sender_id)
         if attack == "duplicate" and memo == "update_1" and sender is not None and sender.index == HOSTILE:
-            original(relay, sender_id, receiver, memo, data)
+            original(relay, sender_id, receiver, memo, data, *more, **named)
         if attack == "forged_global" and memo == "global_1" and receiver.index == HOSTILE:
             tensors, meta = payload.decode(data, "coordinator")
             forged = {name: -tensor if name.startswith("w/") and tensor.is_floating_point() else tensor
                       for name, tensor in tensors.items()}
             original(relay, UNKNOWN_SENDER, receiver, memo, payload.encode(forged, meta))
-        original(relay, sender_id, receiver, memo, data)
+        original(relay, sender_id, receiver, memo, data, *more, **named)
 
     Relay._deliver = deliver
     try:
@@ -178,10 +181,11 @@ def run_testbed(federation_dir, attack, setting, work_dir):
 
 # ---- the benchmark -------------------------------------------------------------------------
 
-def write_federation(work_dir):
+def write_federation(work_dir, seed=0, rounds=SHORT["max_iter"]):
+    """Seed s: split seed s, config seed 42 + s (seed 0: the sample's own seed)."""
     inputs, labels = pooled_sample()
-    splits = split_dataset(inputs, labels, N_SITES, scheme="iid", seed=0)
-    config = {**sample_config(), **SHORT}
+    splits = split_dataset(inputs, labels, N_SITES, scheme="iid", seed=seed)
+    config = {**sample_config(), **SHORT, "max_iter": rounds, "seed": 42 + seed}
     write_client_dirs(splits, Path(work_dir) / "federation", SAMPLE / "generic" / config["model"], config)
     return Path(work_dir) / "federation"
 
@@ -202,33 +206,76 @@ def verdict(row, honest_accuracy):
     return "ok: finished, accuracy within 1 point"
 
 
-def run_benchmark(settings, attacks, jobs=2):
-    rows = []
+def combine_seeds(runs):
+    """One table row from one attack and setting's runs over the seeds: accuracies as means
+    (one run varies about +-0.6 points), the verdict on the means; all stopped: the slowest."""
+    row = {key: runs[0][key] for key in ("attack", "setting", "via")}
+    row["seeds"] = [run["seed"] for run in runs]
+    honest = statistics.mean(run["honest_int8_accuracy"] for run in runs)
+    finished = [run for run in runs if run["outcome"] == "finished"]
+    if finished and len(finished) < len(runs):
+        stopped = [run for run in runs if run["outcome"] == "stopped"]
+        ok = all(verdict(run, run["honest_int8_accuracy"]).startswith("ok") for run in stopped)
+        row.update(outcome="stopped", seconds=max(run["seconds"] for run in stopped), named=ok,
+                   message=f"in {len(stopped)} of {len(runs)} seeds: {stopped[0]['message']}")
+        row["verdict"] = "FAIL: stopped in some seeds, finished in others"
+        return row
+    if finished:
+        row.update(outcome="finished", seconds=statistics.mean(run["seconds"] for run in runs),
+                   int8_accuracy=statistics.mean(run["int8_accuracy"] for run in runs),
+                   same_model_everywhere=all(run.get("same_model_everywhere", True) for run in runs))
+    else:
+        slowest = max(runs, key=lambda run: run["seconds"])
+        row.update(outcome="stopped", seconds=slowest["seconds"], message=slowest["message"],
+                   named=all(run["named"] for run in runs))
+    row["honest_int8_accuracy"] = honest
+    row["verdict"] = verdict(row, honest)
+    return row
+
+
+def _in_process_runs(federations, settings, attacks, jobs):
+    """Every (seed, setting, attack) of the model-level attacks, honest runs included."""
+    grid = [(str(federation_dir), attack, setting, seed) for seed, federation_dir in federations.items()
+            for setting in settings for attack in ("honest", *[a for a in attacks if a in MODEL_ATTACKS])]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        outcomes = pool.map(run_in_process, grid)
+    return [{"attack": attack, "setting": setting, "via": "in-process", "seed": seed, **outcome}
+            for (_, attack, setting, seed), outcome in zip(grid, outcomes)]
+
+
+def _testbed_runs(federation_dir, seed, settings, attacks, work_dir):
+    """The transport-level attacks (and the honest testbed run they compare with), one seed."""
+    transport = [attack for attack in attacks if attack in TRANSPORT_ATTACKS]
+    if transport and "default" in settings:  # the testbed gives what bench.simulate gives
+        transport.insert(0, "honest")
+    runs = []
+    for attack in transport:
+        for setting in [s for s in settings if s in TRANSPORT_SETTINGS and (attack != "honest" or s == "default")]:
+            print(f"  testbed: {attack} / {setting}", flush=True)
+            runs.append({"attack": attack, "setting": setting, "via": "testbed", "seed": seed,
+                         **run_testbed(federation_dir, attack, setting, work_dir)})
+    return runs
+
+
+def run_benchmark(settings, attacks, seeds=(0,), rounds=SHORT["max_iter"], jobs=2):
     with tempfile.TemporaryDirectory() as work_dir:
-        federation_dir = write_federation(work_dir)
-        model_attacks = [attack for attack in attacks if attack in MODEL_ATTACKS]
-        grid = [(str(federation_dir), attack, setting)
-                for setting in settings for attack in ("honest", *model_attacks)]
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            outcomes = dict(zip([(attack, setting) for _, attack, setting in grid], pool.map(run_in_process, grid)))
-        honest = {setting: outcomes["honest", setting]["int8_accuracy"] for setting in settings}
-        for (attack, setting), outcome in outcomes.items():
-            if attack != "honest":
-                rows.append({"attack": attack, "setting": setting, "via": "in-process", **outcome})
-        transport = [attack for attack in attacks if attack in TRANSPORT_ATTACKS]
-        if transport and "default" in settings:  # the testbed gives what bench.simulate gives
-            transport.insert(0, "honest")
-        for attack in transport:
-            for setting in [s for s in settings if s in TRANSPORT_SETTINGS and (attack != "honest" or s == "default")]:
-                print(f"  testbed: {attack} / {setting}", flush=True)
-                rows.append({"attack": attack, "setting": setting, "via": "testbed",
-                             **run_testbed(federation_dir, attack, setting, work_dir)})
-    for row in rows:
-        row["honest_int8_accuracy"] = honest[row["setting"]]
-        row["verdict"] = verdict(row, honest[row["setting"]])
-    return {"sites": N_SITES, "hostile_site": HOSTILE, "config": {**sample_config(), **SHORT},
-            "settings": {name: SETTINGS[name] for name in settings}, "honest_int8_accuracy": honest,
-            "stop_within_s": STOP_WITHIN_S, "tolerance_points": TOLERANCE_POINTS, "rows": rows}
+        federations = {seed: write_federation(Path(work_dir) / f"seed-{seed}", seed, rounds) for seed in seeds}
+        runs = _in_process_runs(federations, settings, attacks, jobs)
+        runs += _testbed_runs(federations[seeds[0]], seeds[0], settings, attacks, work_dir)
+    honest = {(run["setting"], run["seed"]): run["int8_accuracy"]
+              for run in runs if run["attack"] == "honest" and run["via"] == "in-process"}
+    groups = {}
+    for run in runs:
+        run["honest_int8_accuracy"] = honest[run["setting"], run["seed"]]
+        if run["attack"] != "honest" or run["via"] != "in-process":
+            groups.setdefault((run["attack"], run["setting"], run["via"]), []).append(run)
+    config = {**sample_config(), **SHORT, "max_iter": rounds}
+    return {"sites": N_SITES, "hostile_site": HOSTILE, "config": config, "seeds": list(seeds),
+            "settings": {name: SETTINGS[name] for name in settings},
+            "honest_int8_accuracy": {setting: statistics.mean(honest[setting, seed] for seed in seeds)
+                                     for setting in settings},
+            "stop_within_s": STOP_WITHIN_S, "tolerance_points": TOLERANCE_POINTS,
+            "rows": [combine_seeds(group) for group in groups.values()], "runs": runs}
 
 
 def table(results):
@@ -254,6 +301,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--attacks", default=",".join(MODEL_ATTACKS + TRANSPORT_ATTACKS))
+    parser.add_argument("--seeds", default="0", help="comma-separated; seed s: split seed s, config seed 42 + s")
+    parser.add_argument("--rounds", type=int, default=SHORT["max_iter"], help="federated rounds of 1 epoch")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
     settings, attacks = args.settings.split(","), args.attacks.split(",")
@@ -262,7 +311,8 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
     started = time.perf_counter()
-    results = run_benchmark(settings, attacks, args.jobs)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    results = run_benchmark(settings, attacks, seeds, args.rounds, args.jobs)
     results["wall_s"] = time.perf_counter() - started
     print(table(results))
     failed = [row for row in results["rows"] if row["verdict"].startswith("FAIL")]

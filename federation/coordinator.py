@@ -72,22 +72,19 @@ class Coordinator:
                                                     {"federation_accuracy": latest}))
 
     def _without_outliers(self, previous, senders, updates):
-        """Indices of the updates to combine. An outlier (federation.robust.find_outliers) stops
-        the run naming its site; with a robust method it is left out of this round instead."""
+        """Indices of the updates to combine. An update too far from the previous global
+        (robust.find_outliers) or pointing elsewhere than the others (robust.find_direction_outliers)
+        stops the run naming its site; with a robust method it is left out of this round instead."""
         config = self.site.config
-        distances = robust.update_distances(previous, [update.weights for update in updates])
-        outliers = robust.find_outliers(distances, config.outlier_factor)
-        if outliers and config.robust_aggregation == "none":
-            index, ratio = outliers[0]
-            raise UpdateError(
-                f"update from site {senders[index]} is an outlier: {ratio:.1f} times as far from the "
-                f"previous global model as the other sites' updates (median), more than outlier_factor "
-                f"{config.outlier_factor:g}; a hostile or broken site (or, if its data really differ "
-                f"that much, raise outlier_factor or set robust_aggregation)", senders[index], "outlier update")
+        states = [update.weights for update in updates]
+        far = robust.find_outliers(robust.update_distances(previous, states), config.outlier_factor)
+        astray = robust.find_direction_outliers(previous, states, config.min_cosine)
+        if config.robust_aggregation == "none" and (far or astray):
+            raise _outlier_error(config, senders, far, astray)
         round_number = len(self.rounds) + 1
-        for index, _ in outliers:
+        excluded = sorted({index for index, _ in far + astray})
+        for index in excluded:
             self._site_row(senders[index], updates[index])["excluded_rounds"].append(round_number)
-        excluded = {index for index, _ in outliers}
         return [index for index in range(len(updates)) if index not in excluded]
 
     def _site_row(self, sender, update):
@@ -145,6 +142,25 @@ def _check_senders(pieces, kind):
             raise UpdateError(f"site {sender} sent more than one '{kind}' message this round", sender,
                               f"duplicate {kind}")
         seen.add(sender)
+
+
+def _outlier_error(config, senders, far, astray):
+    """The UpdateError naming the first site flagged: too far first (the stronger evidence),
+    else pointing elsewhere."""
+    advice = "a hostile or broken site (or, if its data really differ that much, "
+    if far:
+        index, ratio = far[0]
+        return UpdateError(
+            f"update from site {senders[index]} is an outlier: {ratio:.1f} times as far from the "
+            f"previous global model as the other sites' updates (median), more than outlier_factor "
+            f"{config.outlier_factor:g}; {advice}raise outlier_factor or set robust_aggregation)",
+            senders[index], "outlier update")
+    index, cosine = astray[0]
+    return UpdateError(
+        f"update from site {senders[index]} points elsewhere: its change from the previous global "
+        f"model has a cosine similarity of {cosine:.2f} with the other sites' (median), less than "
+        f"min_cosine {config.min_cosine:g}; {advice}lower min_cosine or set robust_aggregation)",
+        senders[index], "update points elsewhere")
 
 
 def _check_same_files(own, theirs, sender):

@@ -33,6 +33,9 @@ from federation.aggregate import weighted_average
 ROBUST_AGGREGATIONS = ("none", "norm_clip", "trimmed_mean", "median")
 MIN_SITES = 3        # below it no method can tell which site is the wrong one
 TRIM_FRACTION = 0.2  # trimmed_mean drops this share of the sites at each end (at least one)
+# The direction check judges a round only when the other sites' cosines have at least this
+# median: on the sample, honest cosines fall from 0.7 (round 1) to 0.0 (round 9, converged).
+AGREEMENT_COSINE = 0.1
 
 
 def update_distances(previous, states):
@@ -47,6 +50,66 @@ def update_distances(previous, states):
                 squared += (new.double() - old.double()).square().sum().item()
         distances.append(math.sqrt(squared))
     return distances
+
+
+def update_changes(previous, states):
+    """Each state's change (state - previous), flattened to one float64 vector over the entries
+    that update_distances measures, in the same order for every state."""
+    names = [name for name, old in previous.items() if old.is_floating_point()]
+    changes = []
+    for state in states:
+        parts = [(state[name].double() - previous[name].double()).flatten() for name in names
+                 if name in state and state[name].shape == previous[name].shape]
+        changes.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
+    return changes
+
+
+def update_cosines(previous, states):
+    """[cosine similarity of each state's change to the coordinate-wise median of the other
+    states' changes] (None where either has norm 0: no direction to judge); from MIN_SITES on."""
+    changes = update_changes(previous, states)
+    if len(changes) < MIN_SITES or len({change.numel() for change in changes}) != 1:
+        return []
+    return _cosines(changes)
+
+
+def _cosines(changes):
+    """The median of the others, not their mean: one scaled or flipped update would drag a mean
+    away from the honest sites' direction, making them look like the odd ones out."""
+    cosines = []
+    for index, change in enumerate(changes):
+        reference = _coordinate_median(torch.stack(changes[:index] + changes[index + 1:]))
+        norms = change.norm() * reference.norm()
+        cosines.append(None if norms == 0 else (change @ reference / norms).item())
+    return cosines
+
+
+def find_direction_outliers(previous, states, min_cosine):
+    """[(index, cosine)] of the updates pointing elsewhere: repeatedly the one with the lowest
+    cosine, if below `min_cosine`, is set aside and the rest measured again, while MIN_SITES
+    remain. One at a time because a hostile update also moves the others' reference: with 3
+    sites, a flipped one cancels the honest direction in each honest site's reference, and
+    all three would fall below the bound. Only while the others agree (the median of their
+    cosines among themselves at least AGREEMENT_COSINE): near convergence honest changes are mostly SGD noise
+    and point nowhere in particular either. `min_cosine` None: no check."""
+    if min_cosine is None:
+        return []
+    changes = update_changes(previous, states)
+    if len({change.numel() for change in changes}) > 1:
+        return []
+    remaining, found = list(range(len(changes))), []
+    while len(remaining) >= MIN_SITES:
+        cosines = _cosines([changes[index] for index in remaining])
+        judged = sorted((cosine, index) for index, cosine in zip(remaining, cosines) if cosine is not None)
+        if not judged or judged[0][0] >= min_cosine:
+            break
+        cosine, index = judged[0]
+        agreement = [other for other in _cosines([changes[i] for i in remaining if i != index]) if other is not None]
+        if not agreement or statistics.median(agreement) < AGREEMENT_COSINE:
+            break  # the others share no direction either (near convergence): nothing to judge by
+        found.append((index, cosine))
+        remaining.remove(index)
+    return found
 
 
 def find_outliers(distances, factor):
@@ -134,12 +197,15 @@ def trimmed_mean(previous, states, weights, fraction=TRIM_FRACTION):
     return _per_coordinate(states, lambda values: values.sort(dim=0).values[trim:len(states) - trim].mean(dim=0))
 
 
+def _coordinate_median(values):
+    """The median along dim 0 (for an even count, the mean of the two middle values)."""
+    ordered, n = values.sort(dim=0).values, len(values)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 def median(previous, states, weights):
     """Per coordinate: the median (for an even count, the mean of the two middle values)."""
-    def middle(values):
-        ordered, n = values.sort(dim=0).values, len(states)
-        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    return _per_coordinate(states, middle)
+    return _per_coordinate(states, _coordinate_median)
 
 
 COMBINE = {"none": weighted_mean, "norm_clip": norm_clip, "trimmed_mean": trimmed_mean, "median": median}

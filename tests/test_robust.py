@@ -89,6 +89,8 @@ def test_metrics_json_is_strict_and_a_nan_names_its_field():
     ("robust_aggregation", "krum", "one of none, norm_clip, trimmed_mean, median"),
     ("outlier_factor", 1, "a number > 1"),
     ("max_site_weight", 0, "a number in (0, 1]"),
+    ("min_cosine", 1, "a number in [-1, 1)"),
+    ("min_cosine", "0.1", "a number in [-1, 1)"),
 ])
 def test_robustness_settings_are_validated(key, value, text):
     document = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth", key: value}
@@ -144,6 +146,50 @@ def test_outliers_are_measured_against_the_other_sites_median():
     assert robust.find_outliers(robust.update_distances(PREVIOUS, states(1, 30)), 4)[0][0] == 1  # two sites suffice
 
 
+def skewed_changes(n_sites, skew, dim=60_000, seed=0):
+    """Synthetic honest changes under label skew: a direction the sites share plus one of each
+    site's own `skew` times as long (skew 1: each site's own part as large as the shared one;
+    60,000 weights, about LeNet's)."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randn(dim, generator=generator)
+    return [{"w": shared + skew * torch.randn(dim, generator=generator)} for _ in range(n_sites)]
+
+
+@pytest.mark.parametrize("n_sites", [3, 5, 8])
+def test_a_random_direction_update_is_flagged_and_skewed_honest_ones_are_not(n_sites):
+    default = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth").min_cosine
+    previous = {"w": torch.zeros(60_000)}
+    honest = skewed_changes(n_sites, skew=2.0)  # pairwise cosines about 0.2, as on Dirichlet(0.5)
+    assert min(robust.update_cosines(previous, honest)) > 0.2
+    assert robust.find_direction_outliers(previous, honest, default) == []
+    norm = honest[1]["w"].norm()
+    noise = torch.randn(60_000, generator=torch.Generator().manual_seed(9))
+    for hostile in (noise * norm / noise.norm(), -honest[1]["w"]):  # random direction, sign flip x-1
+        poisoned = [honest[0], {"w": hostile}, *honest[2:]]
+        assert [index for index, _ in robust.find_direction_outliers(previous, poisoned, default)] == [1]
+        assert robust.find_direction_outliers(previous, poisoned, None) == []
+
+
+def test_the_direction_check_judges_nothing_when_the_others_share_no_direction():
+    # Near convergence honest changes are mostly SGD noise: all cosines about 0.
+    previous = {"w": torch.zeros(60_000)}
+    converged = skewed_changes(5, skew=20.0)  # cosines about 0.0025
+    assert max(abs(cosine) for cosine in robust.update_cosines(previous, converged)) < robust.AGREEMENT_COSINE
+    assert robust.find_direction_outliers(previous, converged, 0.02) == []
+    noise = torch.randn(60_000, generator=torch.Generator().manual_seed(9))  # judged in a round with a direction
+    agreeing = skewed_changes(5, skew=2.0)
+    assert robust.find_direction_outliers(previous, [*agreeing[:4], {"w": noise}], 0.02)[0][0] == 4
+
+
+def test_the_direction_check_needs_three_sites_and_skips_zero_changes():
+    previous = {"w": torch.zeros(4), "count": torch.tensor(3)}
+    assert robust.update_cosines(previous, states(1, -1)) == []  # two sites: which one is wrong?
+    assert robust.find_direction_outliers(previous, states(1, -1), 0.5) == []
+    cosines = robust.update_cosines(previous, states(1, 0, 1, 1))
+    assert cosines[1] is None and cosines[0] == pytest.approx(1.0)  # no change: no direction
+    assert robust.find_direction_outliers(previous, states(1, 0, 1, 1), 0.5) == []
+
+
 def test_weight_cap():
     assert robust.capped_weights([100, 100, 10 ** 9], 0.5) == [0.25, 0.25, 0.5]
     shares = robust.capped_weights([100, 300, 10 ** 9, 10 ** 9], 0.3)
@@ -156,9 +202,9 @@ def test_weight_cap():
 
 # ---- the coordinator ----------------------------------------------------------------------
 
-def coordinator(**settings):
+def coordinator(features=4, **settings):
     config = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth", **settings)
-    model = torch.nn.Linear(4, 2)
+    model = torch.nn.Linear(features, 2)
     codec = Codec()
     own = ModelMessage({name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
     codec.expect(own)
@@ -202,6 +248,38 @@ def test_with_a_robust_method_an_outlier_is_left_out_and_shown():
     assert robust.update_distances(start, [global_1.weights])[0] == pytest.approx(1.15 * direction, rel=1e-5)
 
 
+def noisy_updates(start, hostile_index, n_sites=5):
+    """Honest updates (a shared direction, each site's own wiggle) and one of random direction
+    with the norm of the others' changes."""
+    generator = torch.Generator().manual_seed(1)
+    direction = {name: torch.randn(tensor.shape, generator=generator) for name, tensor in start.items()}
+    pieces = []
+    for index in range(1, n_sites + 1):
+        own = {name: torch.randn(tensor.shape, generator=generator) for name, tensor in start.items()}
+        if index == hostile_index:
+            weights = {name: start[name] + own[name] for name in start}
+        else:
+            weights = {name: start[name] + direction[name] + 0.3 * own[name] for name in start}
+        meta = {"n_train": 100, "train_loss": 0.5, "train_accuracy": 0.8}
+        pieces.append((f"s{index}", Codec().encode_model(ModelMessage(weights, meta=meta))))
+    return pieces
+
+
+def test_an_update_pointing_elsewhere_stops_the_run_or_is_left_out():
+    aggregator, start = coordinator(features=500)  # 1,002 weights: a random direction is one
+    with pytest.raises(UpdateError, match=r"update from site s4 points elsewhere: .* cosine similarity of "
+                                          r"-?0\.\d\d with the other sites' \(median\), less than min_cosine"):
+        aggregator.aggregate(noisy_updates(start, hostile_index=4))
+    aggregator, start = coordinator(features=500, robust_aggregation="trimmed_mean")
+    aggregator.aggregate(noisy_updates(start, hostile_index=4))
+    rows = {row["id"]: row for row in aggregator.sites.values()}
+    assert rows["s4"]["excluded_rounds"] == [1] and rows["s4"]["weight"] == 0.0
+    assert [rows[f"s{index}"]["excluded_rounds"] for index in (1, 2, 3, 5)] == [[]] * 4
+    unchecked, start = coordinator(features=500, min_cosine=None)
+    unchecked.aggregate(noisy_updates(start, hostile_index=4))  # no check: averaged in
+    assert list(unchecked.sites.values())[3]["weight"] == 0.2
+
+
 def test_no_site_gets_more_than_max_site_weight():
     aggregator, start = coordinator()
     aggregator.aggregate(updates(start, (1, 1, 1, 1, 1), n_train=(100, 100, 100, 100, 10 ** 9)))
@@ -239,7 +317,8 @@ def test_honest_federation_is_unchanged_by_the_defaults():
         write_client_dirs(splits, Path(work), SAMPLE / "generic" / config["model"], config)
         clients = sorted(Path(work).glob("client_*"))
         runs = {}
-        for name, overrides in (("defaults", {}), ("off", {"outlier_factor": None, "max_site_weight": None})):
+        for name, overrides in (("defaults", {}), ("off", {"outlier_factor": None, "max_site_weight": None,
+                                                            "min_cosine": None})):
             sites = load_sites(clients, Path(work) / "generic", overrides)
             runs[name] = (run_rounds(sites)["rounds"], sites[0].local.model.state_dict())
     assert runs["defaults"][0] == runs["off"][0]
