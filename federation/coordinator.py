@@ -159,7 +159,8 @@ def _outlier_error(config, senders, far, astray):
     return UpdateError(
         f"update from site {senders[index]} points elsewhere: its change from the previous global "
         f"model has a cosine similarity of {cosine:.2f} with the other sites' (median), less than "
-        f"min_cosine {config.min_cosine:g}; {advice}lower min_cosine or set robust_aggregation)",
+        f"min_cosine {config.min_cosine:g}; {advice}e.g. sites holding one or two classes each: "
+        f"set min_cosine: null in config.yml)",
         senders[index], "update points elsewhere")
 
 
