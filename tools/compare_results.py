@@ -16,13 +16,15 @@ from quant._ao import quiet
 from tests.e2e_helpers import int8_tensors
 
 # Compute times and latencies, site ids, and the byte counts that depend on how many digits
-# those take (the `results` report carries them, so its size and the total vary by a few bytes).
-UNREPEATABLE = {"seconds", "latency_ms", "id", "results", "total"}
+# those take (the `results` report carries them, so its size, the total and, under secure
+# aggregation, the totals in `secure_bytes` vary by a few bytes); any `*_seconds`.
+UNREPEATABLE = {"seconds", "latency_ms", "id", "results", "total", "secure_bytes"}
 
 
 def comparable(value):
     if isinstance(value, dict):
-        return {k: comparable(v) for k, v in value.items() if k not in UNREPEATABLE}
+        return {k: comparable(v) for k, v in value.items()
+                if k not in UNREPEATABLE and not k.endswith("_seconds")}
     if isinstance(value, list):
         return [comparable(v) for v in value]
     return value
