@@ -17,7 +17,8 @@ accuracy). Two centralized baselines, one site holding the union of the train sp
                  with K equal sites.
 Per row: mean and sample standard deviation over the seeds (seed s: split seed s, config seed
 42 + s) of the accuracy, of the gap to each baseline, and of the largest round-to-round drop
-of any site's test accuracy (`max_drop`: a collapsing run shows here, not in the last round).
+of any site's test accuracy in the converging part of the run (`max_drop`: from round 3 on, at
+sites with >= 100 test samples; a collapsing run shows here, not in the last round).
 
 The federation runs in one process with the app's own pieces in the order the states use them
 (bench.simulate: Site, Coordinator, the payload bytes), so bytes per round are the app's.
@@ -92,12 +93,23 @@ def run_federation(federation_dir, overrides):
     """Rounds over the client dirs written by write_client_dirs, with config `overrides`."""
     clients = sorted(federation_dir.glob("client_*"))
     result = run_rounds(load_sites(clients, federation_dir / "generic", overrides))
-    return {**result, "max_drop": max_site_drop(result["site_test_accuracy"])}
+    return {**result, "max_drop": max_site_drop(result["site_test_accuracy"], result["site_test_counts"])}
 
 
-def max_site_drop(site_accuracies):
-    """The largest fall of one site's test accuracy from one round to the next (0: none)."""
-    return max([0.0] + [before - after for rounds in site_accuracies for before, after in zip(rounds, rounds[1:])])
+# `max_drop` looks at the converging part of a run only: from round SETTLED_ROUND on (on a
+# label-skewed split the first rounds swing by design) and at sites with at least
+# MIN_TEST_SAMPLES test samples (below that one image is more than a point).
+SETTLED_ROUND = 3
+MIN_TEST_SAMPLES = 100
+
+
+def max_site_drop(site_accuracies, site_test_counts):
+    """The largest fall of one site's test accuracy from one round to the next, both rounds
+    >= SETTLED_ROUND (1-based), at sites with >= MIN_TEST_SAMPLES test samples (0: none)."""
+    drops = [before - after
+             for rounds, n_test in zip(site_accuracies, site_test_counts) if n_test >= MIN_TEST_SAMPLES
+             for before, after in zip(rounds[SETTLED_ROUND - 1:], rounds[SETTLED_ROUND:])]
+    return max([0.0] + drops)
 
 
 def run_seed(job, work_dir):

@@ -89,6 +89,7 @@ def run_rounds(sites):
     rows = coordinator.rounds
     return {**kept_figures(rows, sites[0]),
             "site_test_accuracy": [[row["test_accuracy"] for row in site.rounds] for site in sites],
+            "site_test_counts": [site.inputs.test_info.n for site in sites],
             "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
             # What crosses the network per round: every site's update + the broadcast to each.
             "bytes_per_round": (sum(uplink) + len(sites) * sum(downlink)) / len(downlink)}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.datasets import DATASETS, pooled_animals, read_ndarray
+from bench.federated_quality import max_site_drop
 
 
 def test_animals_are_ten_balanced_classes_of_28x28_images_in_unit_range():
@@ -37,3 +38,12 @@ def test_read_ndarray_refuses_pickles_that_are_not_plain_arrays(tmp_path):
     assert read_ndarray(good).tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
         read_ndarray(bad)
+
+
+def test_max_drop_counts_only_the_converging_part_of_a_run():
+    early_swing = [0.5, 0.2, 0.6, 0.7, 0.72]     # round 1 -> 2 falls 30 points: before round 3
+    small_site = [0.5, 0.6, 0.7, 0.4, 0.8]       # falls 30 points, but only 50 test samples
+    collapse = [0.5, 0.6, 0.84, 0.86, 0.70]      # round 4 -> 5 falls 16 points
+    assert max_site_drop([early_swing, small_site], [300, 50]) == 0.0
+    assert abs(max_site_drop([early_swing, small_site, collapse], [300, 50, 300]) - 0.16) < 1e-9
+    assert abs(max_site_drop([[0.5, 0.6, 0.9, 0.8]], [100]) - 0.1) < 1e-9  # 100 test samples count
