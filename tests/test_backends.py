@@ -16,7 +16,8 @@ def test_backend_gives_every_site_the_same_int8_model(backend, quant_type, tmp_p
     figures = quantize_sites(sites)
     assert torch.backends.quantized.engine == backend
     assert figures["int8"]["accuracy"] >= figures["fp32"]["accuracy"] - 0.02
-    assert figures["fp32"]["accuracy"] > 0.85
+    # 2 rounds of 1 epoch on 90 % of the data (the validation split): well trained, not converged
+    assert figures["fp32"]["accuracy"] > 0.8
     saved = []
     for index, site in enumerate(sites):
         path = tmp_path / f"site{index}.pt"
