@@ -36,6 +36,9 @@ TRIM_FRACTION = 0.2  # trimmed_mean drops this share of the sites at each end (a
 # The direction check judges a round only when the other sites' cosines have at least this
 # median: on the sample, honest cosines fall from 0.7 (round 1) to 0.0 (round 9, converged).
 AGREEMENT_COSINE = 0.1
+# The advised `min_cosine` where sites are not strongly label-skewed (docs/robustness.md); the
+# check is off by default.
+ADVISED_MIN_COSINE = 0.02
 
 
 def update_distances(previous, states):

@@ -157,7 +157,8 @@ def skewed_changes(n_sites, skew, dim=60_000, seed=0):
 
 @pytest.mark.parametrize("n_sites", [3, 5, 8])
 def test_a_random_direction_update_is_flagged_and_skewed_honest_ones_are_not(n_sites):
-    default = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth").min_cosine
+    assert AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth").min_cosine is None  # off
+    default = robust.ADVISED_MIN_COSINE
     previous = {"w": torch.zeros(60_000)}
     honest = skewed_changes(n_sites, skew=2.0)  # pairwise cosines about 0.2, as on Dirichlet(0.5)
     assert min(robust.update_cosines(previous, honest)) > 0.2
@@ -266,16 +267,17 @@ def noisy_updates(start, hostile_index, n_sites=5):
 
 
 def test_an_update_pointing_elsewhere_stops_the_run_or_is_left_out():
-    aggregator, start = coordinator(features=500)  # 1,002 weights: a random direction is one
+    advised = robust.ADVISED_MIN_COSINE
+    aggregator, start = coordinator(features=500, min_cosine=advised)  # 1,002 weights: a random direction is one
     with pytest.raises(UpdateError, match=r"update from site s4 points elsewhere: .* cosine similarity of "
                                           r"-?0\.\d\d with the other sites' \(median\), less than min_cosine"):
         aggregator.aggregate(noisy_updates(start, hostile_index=4))
-    aggregator, start = coordinator(features=500, robust_aggregation="trimmed_mean")
+    aggregator, start = coordinator(features=500, robust_aggregation="trimmed_mean", min_cosine=advised)
     aggregator.aggregate(noisy_updates(start, hostile_index=4))
     rows = {row["id"]: row for row in aggregator.sites.values()}
     assert rows["s4"]["excluded_rounds"] == [1] and rows["s4"]["weight"] == 0.0
     assert [rows[f"s{index}"]["excluded_rounds"] for index in (1, 2, 3, 5)] == [[]] * 4
-    unchecked, start = coordinator(features=500, min_cosine=None)
+    unchecked, start = coordinator(features=500)  # the default: no check
     unchecked.aggregate(noisy_updates(start, hostile_index=4))  # no check: averaged in
     assert list(unchecked.sites.values())[3]["weight"] == 0.2
 
@@ -317,7 +319,7 @@ def test_honest_federation_is_unchanged_by_the_defaults():
         write_client_dirs(splits, Path(work), SAMPLE / "generic" / config["model"], config)
         clients = sorted(Path(work).glob("client_*"))
         runs = {}
-        for name, overrides in (("defaults", {}), ("off", {"outlier_factor": None, "max_site_weight": None,
+        for name, overrides in (("defaults", {"min_cosine": robust.ADVISED_MIN_COSINE}), ("off", {"outlier_factor": None, "max_site_weight": None,
                                                             "min_cosine": None})):
             sites = load_sites(clients, Path(work) / "generic", overrides)
             runs[name] = (run_rounds(sites)["rounds"], sites[0].local.model.state_dict())
