@@ -194,7 +194,8 @@ class WriteResults(FederatedState):
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation,
                                 privacy=privacy_report(site, self.channel.secure),
-                                selection=selection_report(site.decision, site.config.max_iter))
+                                selection=selection_report(site.decision, site.config.max_iter),
+                                aggregation=site.inputs.aggregation_choice)
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},

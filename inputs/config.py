@@ -9,7 +9,7 @@ of a few lines expands to gigabytes), so are duplicate keys (the last would sile
 values are shown cut to 80 characters in error messages, and numbers that set how much work
 a site does have upper bounds that say why.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -26,6 +26,8 @@ MAX_CONFIG_BYTES = 2**20  # a config.yml is a few hundred bytes; this bounds rea
 SHOWN_VALUE_CHARS = 80    # values in error messages are cut to this
 
 DEVICES = ("auto", "cpu", "cuda")
+AUTO_AGGREGATION = "auto"
+AGGREGATION_CHOICES = (AUTO_AGGREGATION, *AGGREGATIONS)
 COMMUNICATIONS = ("float32", "int8")
 
 
@@ -57,9 +59,10 @@ class AppConfig:
     qat_freeze_observers_round: int | None = None
     # Federated training (docs/federated.md): the coordinator's aggregation (fedavg, or
     # fedavgm / fedadam with a server learning rate: null takes the aggregation's default;
-    # scaffold: fedavg plus SCAFFOLD's control variates at every site),
+    # scaffold: fedavg plus SCAFFOLD's control variates at every site; auto: scaffold where
+    # the config allows it, else fedavg, see `resolve_aggregation`),
     # FedProx's proximal weight, where training runs, and how updates travel.
-    aggregation: str = "fedavg"
+    aggregation: str = "auto"
     server_learning_rate: float | None = None
     server_momentum: float = 0.3
     server_betas: tuple = (0.9, 0.99)
@@ -144,7 +147,7 @@ _RULES = {
     "qat_warmup_rounds": ((int,), lambda v: v >= 0, "an integer >= 0"),
     "qat_freeze_bn_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
     "qat_freeze_observers_round": ((int, type(None)), lambda v: v is None or v >= 1, "a round number >= 1"),
-    "aggregation": ((str,), lambda v: v in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}"),
+    "aggregation": ((str,), lambda v: v in AGGREGATION_CHOICES, f"one of {', '.join(AGGREGATION_CHOICES)}"),
     "server_learning_rate": ((int, float, type(None)), lambda v: v is None or 0 < v < float("inf"),
                              "a number > 0, or null for the aggregation's default"),
     "server_momentum": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -301,6 +304,33 @@ def parse_config(document, path=CONFIG_FILE):
         raise InputError(path, "scaffold does not combine with quant_type: qat (use fedavg, "
                          "fedavgm or fedadam, or quant_type: post_static)", key="aggregation")
     return config
+
+
+def resolve_aggregation(config, train_function_accepts_control):
+    """(config with a concrete `aggregation`, how it was chosen): `aggregation: auto` becomes
+    scaffold where the config allows it, else fedavg; an explicit rule is kept as it is.
+
+    Every site resolves identically: the inputs are the shared config and train function file.
+    Why scaffold: on label-skewed data it beats fedavg by 3 to 18 points (README, "Federated
+    training quality") and ties it on IID data; it costs twice the bytes per round."""
+    if config.aggregation != AUTO_AGGREGATION:
+        return config, {"rule": config.aggregation, "requested": config.aggregation, "reason": "set in config.yml"}
+    reason = _scaffold_excluded_by(config, train_function_accepts_control)
+    rule = "fedavg" if reason else "scaffold"
+    reason = reason or "no setting excludes scaffold (control variates against client drift on skewed data)"
+    return replace(config, aggregation=rule), {"rule": rule, "requested": AUTO_AGGREGATION, "reason": reason}
+
+
+def _scaffold_excluded_by(config, train_function_accepts_control):
+    """Why `aggregation: auto` cannot be scaffold with this config, or None."""
+    exclusions = (
+        (config.quant_type != "post_static", f"quant_type: {config.quant_type} (scaffold needs post_static)"),
+        (config.dp is not None, "dp is set (scaffold's control variates would bypass DP's noise)"),
+        (config.mu != 0, f"mu: {config.mu} (FedProx; scaffold is measured without it)"),
+        (not train_function_accepts_control,
+         f"train_function {config.train_function} accepts no control= keyword"),
+    )
+    return next((why for excluded, why in exclusions if excluded), None)
 
 
 def _default_keep(section, path):

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from inputs.config import CONFIG_FILE, load_config
+from inputs.config import CONFIG_FILE, load_config, resolve_aggregation
 from inputs.datasets import describe_dataset, load_dataset
 from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
-from inputs.train_function import check_train_function_supports, load_train_function
+from inputs.train_function import accepts_keyword, check_train_function_supports, load_train_function
 from inputs.validation_split import split_for_validation
 from training import make_loader, seed_everything, train
 from training.privacy import unsupported_layers
@@ -33,6 +33,8 @@ class SiteInputs:
     device: str             # where training and float evaluation run
     validation_loader: object = None  # the validation split (None: validation_fraction 0)
     validation_info: object = None
+    # How config.aggregation was chosen: {rule, requested (auto or the rule), reason}.
+    aggregation_choice: dict = None
 
     @property
     def config_file(self):
@@ -54,6 +56,11 @@ def load_site_inputs(input_dir) -> SiteInputs:
     """Read and check everything in `input_dir`; InputError names what is wrong."""
     input_dir = Path(input_dir)
     config = load_config(input_dir)
+    train_function = _load_train_function(config, input_dir)
+    # aggregation: auto is resolved here, once, before anything reads config.aggregation.
+    config, aggregation_choice = resolve_aggregation(config, accepts_keyword(train_function, "control"))
+    if config.train_function:
+        check_train_function_supports(train_function, _keywords_needed(config), input_dir / config.train_function)
     seed_everything(config.seed)
     train_path, test_path = input_dir / config.train_dataset, input_dir / config.test_dataset
     train_set = load_dataset(train_path, "train_dataset")
@@ -76,13 +83,16 @@ def load_site_inputs(input_dir) -> SiteInputs:
                              f"the model in {config.model}: {'; '.join(problems)}. Replace these layers "
                              "(e.g. BatchNorm by GroupNorm, as Opacus' ModuleValidator.fix does) or "
                              "set dp: null", key="dp")
-    train_function = train
-    if config.train_function:
-        path = input_dir / config.train_function
-        train_function = load_train_function(path)
-        check_train_function_supports(train_function, _keywords_needed(config), path)
     return SiteInputs(input_dir, config, model, train_loader, test_loader, train_info, test_info,
-                      train_function, resolve_device(config.device, input_dir / CONFIG_FILE), *validation)
+                      train_function, resolve_device(config.device, input_dir / CONFIG_FILE), *validation,
+                      aggregation_choice=aggregation_choice)
+
+
+def _load_train_function(config, input_dir):
+    """The user's train() from config's train_function, or the app's own loop."""
+    if not config.train_function:
+        return train
+    return load_train_function(input_dir / config.train_function)
 
 
 def _hold_out_validation(train_set, train_info, config, config_path):

@@ -27,9 +27,14 @@ def check_train_function_supports(function, keywords, path, key="train_function"
     """`keywords`: name -> why the config needs it. A train function that cannot take one of
     them would silently train without what the federation believes it applies."""
     for name, reason in keywords.items():
-        if _binding_problem(function, (), {name: None}, partial=True):
+        if not accepts_keyword(function, name):
             raise InputError(path, f"{reason}, but train() accepts no {name}= keyword "
                              "(see training/loop.py)", key=key)
+
+
+def accepts_keyword(function, name):
+    """Whether `function` can be called with `name=` (named, or taken by its **kwargs)."""
+    return _binding_problem(function, (), {name: None}, partial=True) is None
 
 
 def _binding_problem(function, arguments, keywords, partial=False):

@@ -82,6 +82,15 @@ def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: st
 
 # ---- sections ---------------------------------------------------------------------------
 
+def _aggregation_text(choice):
+    """The rule the run used, and with aggregation: auto why it was that one."""
+    if not choice:
+        return MISSING
+    if choice.get("requested") == "auto":
+        return f"{choice.get('rule', MISSING)} (chosen by aggregation: auto: {choice.get('reason', MISSING)})"
+    return str(choice.get("rule", MISSING))
+
+
 def _summary_section(metrics):
     site = metrics.get("site") or {}
     federation = metrics.get("federation") or {}
@@ -97,6 +106,7 @@ def _summary_section(metrics):
                        f"{_count(federation.get('n_train'))} train, "
                        f"{_count(federation.get('n_test'))} test samples"),
         ("Rounds", _count(len(metrics.get("rounds") or []))),
+        ("Aggregation", _aggregation_text(metrics.get("aggregation"))),
         ("Model written", _selection_text(metrics.get("selection"))),
     ]
     body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"

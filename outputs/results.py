@@ -27,9 +27,10 @@ def write_results(output_dir, config_file, float_model, metrics, predictions):
 
 
 def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation, privacy=None,
-                  selection=None):
+                  selection=None, aggregation=None):
     """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config
-    (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget;
+    (its aggregation the resolved rule; `aggregation`: {rule, requested, reason}, how it was
+    chosen, inputs.config.resolve_aggregation) (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget;
     `selection`: which round's model was written and why, federation.selection.selection_report)."""
     metrics = {
         "site": site_info,
@@ -48,6 +49,7 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
         "federation": {**federation["figures"], "rounds": federation["rounds"],
                        "sites": federation.get("sites", [])},
         "config": config.to_dict(),
+        "aggregation": aggregation,
         "selection": selection,
     }
     if privacy is not None:

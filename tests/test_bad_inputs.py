@@ -12,7 +12,9 @@ import yaml
 
 from federation.site import Site
 from inputs.errors import InputError
-from tests.e2e_helpers import SAMPLE, SAMPLE_CLIENTS
+from tests.e2e_helpers import REPO, SAMPLE, SAMPLE_CLIENTS
+
+CUSTOM_TRAIN = REPO / "tests" / "fixtures" / "custom_train" / "train.py"
 
 
 def site_dir(tmp_path):
@@ -121,6 +123,26 @@ def test_bad_input_is_named(case, tmp_path):
     message = str(error.value)
     assert file_name in message and text in message, message
     assert len(error.value.short) <= 40
+
+
+def test_auto_aggregation_falls_back_to_fedavg_for_a_train_function_without_control(tmp_path):
+    # The public contract: a train(model, train_loader, epochs, learning_rate) written before
+    # SCAFFOLD keeps working under the default aggregation: auto.
+    directory = site_dir(tmp_path)
+    (directory / "my_train.py").write_text(CUSTOM_TRAIN.read_text())
+    set_config(directory, train_function="my_train.py")
+    site = Site.load(directory)
+    assert site.config.aggregation == "fedavg" and not site.local.scaffold
+    assert site.inputs.aggregation_choice["requested"] == "auto"
+    assert not site.local_message().controls
+
+
+def test_auto_aggregation_is_scaffold_for_the_sample_site(tmp_path):
+    site = Site.load(site_dir(tmp_path))
+    assert site.config.aggregation == "scaffold" and site.local.scaffold
+    # the payload limit (states.Initial) is taken from this message: it carries the controls
+    message = site.local_message()
+    assert set(message.controls) == {name for name, _ in site.local.model.named_parameters()}
 
 
 def test_sample_site_loads(tmp_path):

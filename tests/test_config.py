@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inputs.site_inputs import resolve_device
-from inputs.config import AppConfig, InputError, load_config, parse_config
+from inputs.config import AppConfig, InputError, load_config, parse_config, resolve_aggregation
 
 BASE = {"model": "mnist_model.py", "train_dataset": "train.pth", "test_dataset": "test.pth"}
 
@@ -77,10 +77,10 @@ def test_qat_schedule_follows_recipe():
 
 # ---- federation keys: aggregation, server optimizer, mu, device, communication --------------
 
-def test_federation_keys_default_to_plain_fedavg_in_float32():
+def test_federation_keys_default_to_auto_aggregation_in_float32():
     config = parse_config(dict(BASE))
     assert (config.aggregation, config.mu, config.communication, config.device) == \
-        ("fedavg", 0.0, "float32", "auto")
+        ("auto", 0.0, "float32", "auto")
     assert config.server_learning_rate is None
     assert config.server_betas == (0.9, 0.99)
 
@@ -95,8 +95,51 @@ def test_valid_federation_values_are_taken():
     assert config.to_dict()["communication"] == "int8"
 
 
+# aggregation: auto -> scaffold unless a setting excludes it (then fedavg); resolved once per
+# site by inputs.site_inputs.load_site_inputs, from the config and the train function's signature.
+AUTO_TO_FEDAVG = {
+    "qat": ({"quant_type": "qat"}, True, "quant_type: qat"),
+    "dp": ({"dp": {"epsilon": 8.0}}, True, "dp is set"),
+    "fedprox": ({"mu": 0.01}, True, "mu: 0.01"),
+    "train function without control": ({"train_function": "my_train.py"}, False, "accepts no control="),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTO_TO_FEDAVG))
+def test_auto_aggregation_is_fedavg_where_a_setting_excludes_scaffold(case):
+    changes, accepts_control, reason = AUTO_TO_FEDAVG[case]
+    config, choice = resolve_aggregation(parse_config({**BASE, **changes}), accepts_control)
+    assert config.aggregation == "fedavg"
+    assert choice["rule"] == "fedavg" and choice["requested"] == "auto" and reason in choice["reason"]
+    assert config == parse_config({**BASE, **changes, "aggregation": "fedavg"})  # nothing else changes
+
+
+@pytest.mark.parametrize("changes", [{}, {"train_function": "my_train.py"}, {"secure_aggregation": True},
+                                     {"communication": "int8"}, {"aggregation": "auto"}])
+def test_auto_aggregation_is_scaffold_otherwise(changes):
+    config, choice = resolve_aggregation(parse_config({**BASE, **changes}), True)
+    assert config.aggregation == "scaffold"
+    assert (choice["rule"], choice["requested"]) == ("scaffold", "auto")
+    assert config == parse_config({**BASE, **changes, "aggregation": "scaffold"})
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "fedavgm", "fedadam", "scaffold"])
+@pytest.mark.parametrize("accepts_control", [True, False])
+def test_an_explicit_aggregation_is_kept(rule, accepts_control):
+    config = parse_config({**BASE, "aggregation": rule, "mu": 0.01})
+    resolved, choice = resolve_aggregation(config, accepts_control)
+    assert resolved is config and choice == {"rule": rule, "requested": rule, "reason": "set in config.yml"}
+
+
+@pytest.mark.parametrize("changes", [{"quant_type": "qat"}, {"dp": {"epsilon": 8.0}}])
+def test_explicit_scaffold_is_still_refused_where_auto_falls_back(changes):
+    with pytest.raises(InputError):
+        parse_config({**BASE, **changes, "aggregation": "scaffold"})
+    assert parse_config({**BASE, **changes}).aggregation == "auto"
+
+
 @pytest.mark.parametrize("key, value", [
-    ("aggregation", "fedyogi"), ("aggregation", None),
+    ("aggregation", "fedyogi"), ("aggregation", None), ("aggregation", "Auto"),
     ("server_learning_rate", 0), ("server_learning_rate", -1.0), ("server_learning_rate", True),
     ("server_momentum", 1.0), ("server_momentum", -0.1),
     ("server_betas", [0.9]), ("server_betas", [0.9, 1.0]), ("server_betas", "0.9, 0.99"),
