@@ -78,10 +78,12 @@ def test_the_site_refuses_an_update_beyond_the_bound(tmp_path):
     site = load_sites(clients[:1], generic)[0]
     secure = SecureSite(site, n_sites=3)
     secure.n_train_total = 288
-    huge = {name: value.clone() for name, value in site.local_message().weights.items()}
+    message = site.local_message()
+    huge = {name: value.clone() for name, value in message.weights.items()}
     huge["fc2.bias"][0] = 1e6
-    site.train_round_message = lambda: ModelMessage(huge, meta={"n_train": 96, "train_loss": 1.0,
-                                                                 "train_accuracy": 0.5})
+    # SCAFFOLD's control variates (aggregation: auto) travel in the same sum as the weights.
+    site.train_round_message = lambda: ModelMessage(huge, controls=message.controls,
+                                                    meta={"n_train": 96, "train_loss": 1.0, "train_accuracy": 0.5})
     with pytest.raises(SecureAggregationError, match="bound"):
         secure.update("update_1")
 
