@@ -90,7 +90,11 @@ AGGREGATIONS = tuple(RULES)
 
 
 def rule_from_config(config):
-    """The aggregation rule config.yml asks for, with its settings."""
+    """The aggregation rule config.yml asks for, with its settings. `auto` must have been
+    resolved first (inputs.config.resolve_aggregation, when the site's inputs are loaded)."""
+    if config.aggregation not in RULES:
+        raise ValueError(f"aggregation '{config.aggregation}' is not a rule: resolve it first "
+                         "(inputs.config.resolve_aggregation)")
     options = {"fedavgm": {"momentum": config.server_momentum},
                "fedadam": {"betas": config.server_betas, "epsilon": config.server_epsilon}}
     return RULES[config.aggregation](config.server_learning_rate, **options.get(config.aggregation, {}))

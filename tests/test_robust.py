@@ -204,6 +204,7 @@ def test_weight_cap():
 # ---- the coordinator ----------------------------------------------------------------------
 
 def coordinator(features=4, **settings):
+    settings.setdefault("aggregation", "fedavg")  # what `auto` resolves to when loading inputs
     config = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth", **settings)
     model = torch.nn.Linear(features, 2)
     codec = Codec()
