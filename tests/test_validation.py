@@ -154,7 +154,9 @@ class FakeSite:
 
 
 def test_federation_validation_figures_are_weighted_by_validation_samples():
-    coordinator = Coordinator(FakeSite(parse_config({**BASE, "patience": 1, "max_iter": 5})))
+    # aggregation as load_site_inputs resolves `auto` for the app's own loop
+    coordinator = Coordinator(FakeSite(parse_config({**BASE, "patience": 1, "max_iter": 5,
+                                                     "aggregation": "scaffold"})))
     coordinator._update_meta = [{"n_train": 10, "train_loss": 1.0, "train_accuracy": 0.5}]
     tests = [{"n_test": 10, "test_loss": 1.0, "test_accuracy": 0.5, "n_validation": 30,
               "validation_loss": 0.2, "validation_accuracy": 0.9},
