@@ -181,10 +181,7 @@ class Site:
             raise SiteFailure(self, f"{what} refused (HTTP {error.code}): {explanation}") from error
         except (urllib.error.URLError, OSError) as error:
             if _is_timeout(error):
-                stopped = "; its process is stopped (SIGSTOP?)" if self.is_stopped() else ""
-                raise SiteFailure(self, f"site {self.index} not responding for "
-                                        f"{self.response_timeout:g} s ({method} /{path} timed "
-                                        f"out{stopped})") from error
+                raise self._not_responding(f"{method} /{path}") from error
             # A refused or reset connection often means the process is dying: give it a
             # moment to exit, because a dead process is the clearer message.
             try:
@@ -193,6 +190,12 @@ class Site:
                 pass
             self.check_alive()
             raise SiteFailure(self, f"{method} /{path} failed: {error}") from error
+
+    def _not_responding(self, request):
+        """The failure of a request that timed out: the site is named, and a stopped process too."""
+        stopped = "; its process is stopped (SIGSTOP?)" if self.is_stopped() else ""
+        return SiteFailure(self, f"site {self.index} not responding for "
+                                 f"{self.response_timeout:g} s ({request} timed out{stopped})")
 
     def setup(self, coordinator, client_ids, wait_s, deadline):
         """POST /setup, retrying while the app's HTTP server is still coming up."""
@@ -209,10 +212,7 @@ class Site:
                                         f"{_error_body(error)}") from error
             except (urllib.error.URLError, OSError) as error:
                 if _is_timeout(error):
-                    stopped = "; its process is stopped (SIGSTOP?)" if self.is_stopped() else ""
-                    raise SiteFailure(self, f"site {self.index} not responding for "
-                                            f"{self.response_timeout:g} s (POST /setup timed "
-                                            f"out{stopped})") from error
+                    raise self._not_responding("POST /setup") from error
                 if time.monotonic() > give_up:
                     raise SiteFailure(
                         self, f"HTTP server on port {self.port} did not come up "
