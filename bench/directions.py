@@ -51,20 +51,34 @@ def _recording(site, rounds):
     site.train_round = recorded
 
 
-def _round_cosines(previous, states, generator):
-    """(honest cosines, noise's, sign flip's): site 2 replaced by each attack in turn."""
-    honest = robust.update_cosines(previous, states)
-    change = {name: states[1][name].double() - value.double()
-              for name, value in previous.items() if value.is_floating_point()}
-    norm = math.sqrt(sum(value.square().sum().item() for value in change.values()))
-    noise = {name: torch.randn(value.shape, generator=generator, dtype=torch.float64) for name, value in change.items()}
-    noise_norm = math.sqrt(sum(value.square().sum().item() for value in noise.values()))
-    attacked = {}
-    for attack, new_change in (("noise", {n: v * norm / noise_norm for n, v in noise.items()}),
-                               ("sign_flip_x1", {n: -v for n, v in change.items()})):
-        hostile = {**states[1], **{n: previous[n].double() + v for n, v in new_change.items()}}
-        attacked[attack] = robust.update_cosines(previous, [states[0], hostile, *states[2:]])[1]
-    return honest, attacked
+def _attack_changes(previous, states, generator):
+    """Site 2's change replaced by each attack: random noise of its norm (fresh each round), and
+    its change sign-flipped."""
+    change = robust.update_changes(previous, states)[1]
+    noise = torch.randn(change.shape, generator=generator, dtype=torch.float64)
+    return {"noise": noise * change.norm() / noise.norm(), "sign_flip_x1": -change}
+
+
+def _self_cosine(change, last):
+    return None if last is None else robust.cosine(change, last)
+
+
+def _round_cosines(per_round, generator):
+    """Per round: the honest cosines against the others, each honest site's cosine with its own
+    previous change ('self'), and for each attack on site 2 the same pair of figures."""
+    rows, last = [], None
+    for previous, states in per_round:
+        changes = robust.update_changes(previous, states)
+        attacks = _attack_changes(previous, states, generator)
+        row = {"honest": robust.update_cosines(previous, states),
+               "honest_self": [_self_cosine(change, last and last["honest"][k]) for k, change in enumerate(changes)]}
+        for attack, hostile in attacks.items():
+            attacked = [changes[0], hostile, *changes[2:]]
+            row[attack] = robust.change_cosines(attacked)[1]
+            row[attack + "_self"] = _self_cosine(hostile, last and last[attack])
+        rows.append(row)
+        last = {"honest": changes, **attacks}
+    return rows
 
 
 def run_split(job):
@@ -79,12 +93,9 @@ def run_split(job):
     for site in sites:
         _recording(site, recorded)
     figures = run_rounds(sites)
-    generator = torch.Generator().manual_seed(seed)
-    per_round = [_round_cosines(previous, states, generator) for previous, states in recorded.values()]
+    rows = _round_cosines(list(recorded.values()), torch.Generator().manual_seed(seed))
     return {"split": split, "seed": seed, "accuracy": figures["accuracy"],
-            "honest": [honest for honest, _ in per_round],
-            "noise": [attacked["noise"] for _, attacked in per_round],
-            "sign_flip_x1": [attacked["sign_flip_x1"] for _, attacked in per_round]}
+            **{key: [row[key] for row in rows] for key in rows[0]}}
 
 
 def _federation(split, seed, work_dir):
@@ -110,6 +121,26 @@ def table(runs):
         lines.append(f"| {split} | {','.join(str(run['seed']) for run in mine)} | {honest[0]:.3f} | "
                      f"{honest[len(honest) // 20]:.3f} | {statistics.median(honest):.3f} | {first:.3f} | "
                      f"{noise:.3f} | {flip:.3f} | {accuracy:.4f} |")
+    return "\n".join(lines + ["", self_table(runs)])
+
+
+def self_table(runs, bound=robust.ADVISED_MIN_COSINE):
+    """Each site's cosine with its own previous change (rounds 2 on), and how many updates the
+    direction check flags at `bound`: below it against the others *and* against its own past."""
+    lines = [f"| split | honest self min | honest self min where others < {bound:g} | honest flagged | "
+             f"noise self max abs | noise flagged | sign flip x-1 flagged |", "|---|---|---|---|---|---|---|"]
+    for split in dict.fromkeys(run["split"] for run in runs):
+        mine = [run for run in runs if run["split"] == split]
+        pairs = [(c, own) for run in mine for others, selves in zip(run["honest"][1:], run["honest_self"][1:])
+                 for c, own in zip(others, selves) if c is not None and own is not None]
+        low = [own for c, own in pairs if c < bound] or [float("nan")]
+        attacked = {attack: [(run[attack][r], run[attack + "_self"][r]) for run in mine
+                             for r in range(1, len(run[attack]))] for attack in ("noise", "sign_flip_x1")}
+        flagged = {key: f"{sum(c < bound and own < bound for c, own in rows)}/{len(rows)}"
+                   for key, rows in (("honest", pairs), *attacked.items())}
+        lines.append(f"| {split} | {min(own for _, own in pairs):.3f} | {min(low):.3f} | {flagged['honest']} | "
+                     f"{max(abs(own) for _, own in attacked['noise']):.3f} | {flagged['noise']} | "
+                     f"{flagged['sign_flip_x1']} |")
     return "\n".join(lines)
 
 

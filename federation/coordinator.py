@@ -31,6 +31,7 @@ class Coordinator:
         self.rounds = []         # federation-wide figures per round
         self._update_meta = []   # this round's update figures, for its row
         self.sites = {}          # sender -> what it claimed and what weight it got (the `final` message)
+        self._last_changes = {}  # sender -> its update's change of the round before (the direction check)
 
     @property
     def codec(self) -> Codec:
@@ -78,7 +79,7 @@ class Coordinator:
         config = self.site.config
         states = [update.weights for update in updates]
         far = robust.find_outliers(robust.update_distances(previous, states), config.outlier_factor)
-        astray = robust.find_direction_outliers(previous, states, config.min_cosine)
+        astray = self._find_direction_outliers(previous, senders, states)
         if config.robust_aggregation == "none" and (far or astray):
             raise _outlier_error(config, senders, far, astray)
         round_number = len(self.rounds) + 1
@@ -86,6 +87,16 @@ class Coordinator:
         for index in excluded:
             self._site_row(senders[index], updates[index])["excluded_rounds"].append(round_number)
         return [index for index in range(len(updates)) if index not in excluded]
+
+    def _find_direction_outliers(self, previous, senders, states):
+        """robust.find_direction_outliers, remembering each site's change for the next round
+        (in float32: half the memory, and a cosine needs no more precision)."""
+        if self.site.config.min_cosine is None:
+            return []
+        changes = robust.update_changes(previous, states)
+        last = [self._last_changes.get(sender) for sender in senders]
+        self._last_changes = {sender: change.float() for sender, change in zip(senders, changes)}
+        return robust.find_direction_outliers(changes, self.site.config.min_cosine, last)
 
     def _site_row(self, sender, update):
         row = self.sites.setdefault(str(sender), {"id": sender, "n_train": 0, "weight": 0.0, "excluded_rounds": []})
@@ -155,12 +166,12 @@ def _outlier_error(config, senders, far, astray):
             f"previous global model as the other sites' updates (median), more than outlier_factor "
             f"{config.outlier_factor:g}; {advice}raise outlier_factor or set robust_aggregation)",
             senders[index], "outlier update")
-    index, cosine = astray[0]
+    index, cosine, own = astray[0]
     return UpdateError(
         f"update from site {senders[index]} points elsewhere: its change from the previous global "
-        f"model has a cosine similarity of {cosine:.2f} with the other sites' (median), less than "
-        f"min_cosine {config.min_cosine:g}; {advice}e.g. sites holding one or two classes each: "
-        f"set min_cosine: null in config.yml)",
+        f"model has a cosine similarity of {cosine:.2f} with the other sites' (median) and of "
+        f"{own:.2f} with its own change the round before, both less than min_cosine "
+        f"{config.min_cosine:g}; {advice}set min_cosine: null in config.yml)",
         senders[index], "update points elsewhere")
 
 

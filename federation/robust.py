@@ -73,46 +73,66 @@ def update_cosines(previous, states):
     changes = update_changes(previous, states)
     if len(changes) < MIN_SITES or len({change.numel() for change in changes}) != 1:
         return []
-    return _cosines(changes)
+    return change_cosines(changes)
 
 
-def _cosines(changes):
-    """The median of the others, not their mean: one scaled or flipped update would drag a mean
-    away from the honest sites' direction, making them look like the odd ones out."""
-    cosines = []
-    for index, change in enumerate(changes):
-        reference = _coordinate_median(torch.stack(changes[:index] + changes[index + 1:]))
-        norms = change.norm() * reference.norm()
-        cosines.append(None if norms == 0 else (change @ reference / norms).item())
-    return cosines
+def change_cosines(changes):
+    """Each change's cosine with the coordinate-wise median of the others'. The median, not
+    their mean: one scaled or flipped update would drag a mean away from the honest sites'
+    direction, making them look like the odd ones out."""
+    return [cosine(change, _coordinate_median(torch.stack(changes[:index] + changes[index + 1:])))
+            for index, change in enumerate(changes)]
 
 
-def find_direction_outliers(previous, states, min_cosine):
-    """[(index, cosine)] of the updates pointing elsewhere: repeatedly the one with the lowest
-    cosine, if below `min_cosine`, is set aside and the rest measured again, while MIN_SITES
-    remain. One at a time because a hostile update also moves the others' reference: with 3
-    sites, a flipped one cancels the honest direction in each honest site's reference, and
-    all three would fall below the bound. Only while the others agree (the median of their
-    cosines among themselves at least AGREEMENT_COSINE): near convergence honest changes are mostly SGD noise
-    and point nowhere in particular either. `min_cosine` None: no check."""
-    if min_cosine is None:
-        return []
-    changes = update_changes(previous, states)
-    if len({change.numel() for change in changes}) > 1:
+def cosine(one, other):
+    """Cosine similarity of two flat vectors; None where either has norm 0 (no direction)."""
+    norms = one.norm() * other.norm()
+    return None if norms == 0 else (one @ other / norms).item()
+
+
+def find_direction_outliers(changes, min_cosine, last_changes):
+    """[(index, cosine, own cosine)] of the updates pointing elsewhere. `changes`: this round's
+    (update_changes); `last_changes`: each site's change of the round before (None: none yet).
+
+    An update is flagged when its change has a cosine below `min_cosine` both with the others'
+    (change_cosines) and with its own previous change. Against the others alone, honest sites
+    with strongly skewed labels fall below any useful bound (their data pull elsewhere), but
+    they pull the same way round after round; random noise agrees with nothing, not even with
+    the noise the site sent before. So a site's first round is never judged by direction.
+    Flagged updates are set aside one at a time, the lowest first, and the rest measured again,
+    while MIN_SITES remain: a hostile update also moves the others' reference (with 3 sites, a
+    flipped one cancels the honest direction in each honest site's reference). Only while the
+    others agree among themselves (median cosine at least AGREEMENT_COSINE): near convergence
+    honest changes are mostly SGD noise and point nowhere in particular. `min_cosine` None: off."""
+    if min_cosine is None or len({change.numel() for change in changes}) > 1:
         return []
     remaining, found = list(range(len(changes))), []
     while len(remaining) >= MIN_SITES:
-        cosines = _cosines([changes[index] for index in remaining])
-        judged = sorted((cosine, index) for index, cosine in zip(remaining, cosines) if cosine is not None)
-        if not judged or judged[0][0] >= min_cosine:
+        astray = _lowest_astray(changes, remaining, min_cosine, last_changes)
+        if astray is None:
             break
-        cosine, index = judged[0]
-        agreement = [other for other in _cosines([changes[i] for i in remaining if i != index]) if other is not None]
-        if not agreement or statistics.median(agreement) < AGREEMENT_COSINE:
-            break  # the others share no direction either (near convergence): nothing to judge by
-        found.append((index, cosine))
-        remaining.remove(index)
+        found.append(astray)
+        remaining.remove(astray[0])
     return found
+
+
+def _lowest_astray(changes, remaining, min_cosine, last_changes):
+    """(index, cosine, own cosine) of the lowest-cosine update among `remaining` that fails both
+    tests while the others agree, or None."""
+    cosines = change_cosines([changes[index] for index in remaining])
+    for cosine_, index in sorted((c, i) for i, c in zip(remaining, cosines) if c is not None and c < min_cosine):
+        own = _own_cosine(changes[index], last_changes[index])
+        others = [c for c in change_cosines([changes[i] for i in remaining if i != index]) if c is not None]
+        if own is not None and own < min_cosine and others and statistics.median(others) >= AGREEMENT_COSINE:
+            return index, cosine_, own
+    return None
+
+
+def _own_cosine(change, last):
+    """The change's cosine with the same site's previous change; None without a comparable one."""
+    if last is None or last.numel() != change.numel():
+        return None
+    return cosine(change, last.to(change.dtype))
 
 
 def find_outliers(distances, factor):
