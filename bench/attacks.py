@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from bench.simulate import SAMPLE, load_sites, pooled_sample, quantize_sites, run_rounds, sample_config
-from federation import payload, robust
+from federation import payload
 from federation.messages import ModelMessage
 from testbed.split import split_dataset, write_client_dirs
 
@@ -48,7 +48,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "attacks.json"
 N_SITES, HOSTILE = 5, 2            # site numbers from 1; site 1 is the coordinator
 SHORT = {"max_iter": 3, "epochs": 1}
 STOP_WITHIN_S, TOLERANCE_POINTS = 60.0, 1.0
-SETTINGS = {"default": {}, "direction": {"min_cosine": robust.ADVISED_MIN_COSINE}, "norm_clip": {"robust_aggregation": "norm_clip"},
+SETTINGS = {"default": {}, "norm_clip": {"robust_aggregation": "norm_clip"},
             "trimmed_mean": {"robust_aggregation": "trimmed_mean"}, "median": {"robust_aggregation": "median"}}
 MODEL_ATTACKS = ("sign_flip", "scaled", "noise", "n_train", "nan_figures")
 TRANSPORT_ATTACKS = ("duplicate", "forged_global")

@@ -1,21 +1,22 @@
-"""How far apart honest sites' updates point: the figures behind `min_cosine`'s default
-(docs/attacks.md, federation.robust.update_cosines).
+"""How honest sites' updates relate to each other, against random noise: the figures behind
+`min_cosine`'s default (docs/robustness.md, federation.robust.find_random_updates).
 
     python -m bench.directions [--splits iid,dirichlet-0.5,dirichlet-0.1,sample] [--seeds 0,1]
-        [--epochs 2] [--rounds 5] [--out bench/results/directions.json] [--jobs 2]
+        [--epochs 2] [--rounds 5] [--aggregation auto] [--out bench/results/directions.json] [--jobs 2]
 
-Honest federations only, the direction and distance checks switched off so that every round
+Honest federations only, the noise and distance checks switched off so that every round
 runs: the sample's 5,000 digits re-split into 5 sites (`testbed.split`: IID, Dirichlet 0.5
 and 0.1 label skew; split seed s, config seed 42 + s), and `sample` (the bundled 3 sites as
-they are, the default run). Every update of every round is recorded as it leaves its site;
-per split the table gives the honest cosines (each update's change against the coordinate-
-wise median of the other sites' changes, as the coordinator measures it), and what a site
-sending random noise of its own update's norm, or its update sign-flipped, would have
-measured in the same rounds.
+they are, the default run). Every update of every round is recorded as it leaves its site.
+Two tables per run. The first: each honest update's cosine with the coordinate-wise median of
+the other sites' changes (how far apart sites point), and what site 2 would have measured
+sending random noise of its update's norm, or its update sign-flipped. The second, what the
+random-direction check judges: each change's largest |cosine| with another site's change or
+its own change the round before, honest against noise (fresh each round), and how many of
+each the check flags at the default min_cosine.
 """
 import argparse
 import json
-import math
 import multiprocessing
 import statistics
 import tempfile
@@ -27,6 +28,7 @@ import torch
 from bench.simulate import SAMPLE, SAMPLE_CLIENTS, SAMPLE_GENERIC, load_sites, pooled_sample, run_rounds, \
     sample_config
 from federation import payload, robust
+from inputs.config import AppConfig
 from federation.messages import ModelMessage
 from testbed.split import split_dataset, write_client_dirs
 
@@ -35,6 +37,7 @@ SPLITS = {"iid": ("iid", None), "dirichlet-0.5": ("dirichlet", 0.5), "dirichlet-
           "sample": (None, None)}
 N_SITES = 5
 CHECKS_OFF = {"min_cosine": None, "outlier_factor": None}
+DEFAULT_MIN_COSINE = AppConfig.min_cosine
 
 
 def _recording(site, rounds):
@@ -59,23 +62,22 @@ def _attack_changes(previous, states, generator):
     return {"noise": noise * change.norm() / noise.norm(), "sign_flip_x1": -change}
 
 
-def _self_cosine(change, last):
-    return None if last is None else robust.cosine(change, last)
-
-
 def _round_cosines(per_round, generator):
-    """Per round: the honest cosines against the others, each honest site's cosine with its own
-    previous change ('self'), and for each attack on site 2 the same pair of figures."""
+    """Per round: the honest cosines against the others' median, each honest change's largest
+    |cosine| with another site's change or its own previous one (what the random-direction
+    check judges, robust.largest_cosines), and for each attack on site 2 the same two figures."""
     rows, last = [], None
     for previous, states in per_round:
         changes = robust.update_changes(previous, states)
         attacks = _attack_changes(previous, states, generator)
+        own_last = last["honest"] if last else [None] * len(changes)
         row = {"honest": robust.update_cosines(previous, states),
-               "honest_self": [_self_cosine(change, last and last["honest"][k]) for k, change in enumerate(changes)]}
+               "honest_largest": robust.largest_cosines(changes, own_last)}
         for attack, hostile in attacks.items():
             attacked = [changes[0], hostile, *changes[2:]]
-            row[attack] = robust.change_cosines(attacked)[1]
-            row[attack + "_self"] = _self_cosine(hostile, last and last[attack])
+            row[attack] = robust.median_cosines(attacked)[1]
+            row[attack + "_largest"] = robust.largest_cosines(
+                attacked, [own_last[0], last and last[attack], *own_last[2:]])[1]
         rows.append(row)
         last = {"honest": changes, **attacks}
     return rows
@@ -83,9 +85,9 @@ def _round_cosines(per_round, generator):
 
 def run_split(job):
     """One honest federation: per round, the honest cosines and the attacks' cosines."""
-    split, seed, epochs, rounds_n = job
+    split, seed, epochs, rounds_n, aggregation = job
     torch.set_num_threads(1)
-    overrides = {**CHECKS_OFF, "epochs": epochs, "max_iter": rounds_n, "seed": 42 + seed}
+    overrides = {**CHECKS_OFF, "epochs": epochs, "max_iter": rounds_n, "seed": 42 + seed, "aggregation": aggregation}
     with tempfile.TemporaryDirectory() as work_dir:
         clients, generic = _federation(split, seed, Path(work_dir))
         sites = load_sites(clients, generic, overrides)
@@ -94,7 +96,9 @@ def run_split(job):
         _recording(site, recorded)
     figures = run_rounds(sites)
     rows = _round_cosines(list(recorded.values()), torch.Generator().manual_seed(seed))
+    previous, states = next(iter(recorded.values()))
     return {"split": split, "seed": seed, "accuracy": figures["accuracy"],
+            "n_weights": robust.update_changes(previous, states)[0].numel(),
             **{key: [row[key] for row in rows] for key in rows[0]}}
 
 
@@ -121,26 +125,25 @@ def table(runs):
         lines.append(f"| {split} | {','.join(str(run['seed']) for run in mine)} | {honest[0]:.3f} | "
                      f"{honest[len(honest) // 20]:.3f} | {statistics.median(honest):.3f} | {first:.3f} | "
                      f"{noise:.3f} | {flip:.3f} | {accuracy:.4f} |")
-    return "\n".join(lines + ["", self_table(runs)])
+    return "\n".join(lines + ["", random_direction_table(runs)])
 
 
-def self_table(runs, bound=robust.ADVISED_MIN_COSINE):
-    """Each site's cosine with its own previous change (rounds 2 on), and how many updates the
-    direction check flags at `bound`: below it against the others *and* against its own past."""
-    lines = [f"| split | honest self min | honest self min where others < {bound:g} | honest flagged | "
-             f"noise self max abs | noise flagged | sign flip x-1 flagged |", "|---|---|---|---|---|---|---|"]
+def random_direction_table(runs, min_cosine=DEFAULT_MIN_COSINE):
+    """The random-direction check (robust.find_random_updates) on every recorded round: each
+    change's largest |cosine| with another site's change or its own previous one, honest
+    against noise, and how many each the check flags at min_cosine."""
+    lines = [f"| split | honest lowest | in round | noise highest | bound | honest flagged | noise flagged |",
+             "|---|---|---|---|---|---|---|"]
     for split in dict.fromkeys(run["split"] for run in runs):
         mine = [run for run in runs if run["split"] == split]
-        pairs = [(c, own) for run in mine for others, selves in zip(run["honest"][1:], run["honest_self"][1:])
-                 for c, own in zip(others, selves) if c is not None and own is not None]
-        low = [own for c, own in pairs if c < bound] or [float("nan")]
-        attacked = {attack: [(run[attack][r], run[attack + "_self"][r]) for run in mine
-                             for r in range(1, len(run[attack]))] for attack in ("noise", "sign_flip_x1")}
-        flagged = {key: f"{sum(c < bound and own < bound for c, own in rows)}/{len(rows)}"
-                   for key, rows in (("honest", pairs), *attacked.items())}
-        lines.append(f"| {split} | {min(own for _, own in pairs):.3f} | {min(low):.3f} | {flagged['honest']} | "
-                     f"{max(abs(own) for _, own in attacked['noise']):.3f} | {flagged['noise']} | "
-                     f"{flagged['sign_flip_x1']} |")
+        honest = [(value, r + 1) for run in mine for r, row in enumerate(run["honest_largest"])
+                  for value in row if value is not None]
+        noise = [value for run in mine for value in run["noise_largest"] if value is not None]
+        bound = robust.random_direction_bound(min_cosine, mine[0]["n_weights"])
+        lowest, lowest_round = min(honest)
+        lines.append(f"| {split} | {lowest:.4f} | {lowest_round} | {max(noise):.4f} | {bound:.4f} | "
+                     f"{sum(value < bound for value, _ in honest)}/{len(honest)} | "
+                     f"{sum(value < bound for value in noise)}/{len(noise)} |")
     return "\n".join(lines)
 
 
@@ -150,11 +153,12 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--aggregation", default="auto", help="the aggregation rule (config.yml's key)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    jobs = [(split, seed, args.epochs, args.rounds) for split in args.splits.split(",")
+    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation) for split in args.splits.split(",")
             for seed in (seeds if SPLITS[split][0] else seeds[:1])]
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
@@ -162,7 +166,7 @@ def main(argv=None):
     print(table(runs))
     print(f"{time.perf_counter() - started:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"epochs": args.epochs, "rounds": args.rounds, "runs": runs}, indent=2))
+    args.out.write_text(json.dumps({"epochs": args.epochs, "rounds": args.rounds, "aggregation": args.aggregation, "runs": runs}, indent=2))
     print(f"written to {args.out}")
 
 

@@ -74,29 +74,29 @@ class Coordinator:
 
     def _without_outliers(self, previous, senders, updates):
         """Indices of the updates to combine. An update too far from the previous global
-        (robust.find_outliers) or pointing elsewhere than the others (robust.find_direction_outliers)
-        stops the run naming its site; with a robust method it is left out of this round instead."""
+        (robust.find_outliers) or as unrelated to every other update as random noise
+        (robust.find_random_updates) stops the run naming its site; with a robust method it is left out of this round instead."""
         config = self.site.config
         states = [update.weights for update in updates]
         far = robust.find_outliers(robust.update_distances(previous, states), config.outlier_factor)
-        astray = self._find_direction_outliers(previous, senders, states)
-        if config.robust_aggregation == "none" and (far or astray):
-            raise _outlier_error(config, senders, far, astray)
+        noise = self._find_random_updates(previous, senders, states)
+        if config.robust_aggregation == "none" and (far or noise):
+            raise _outlier_error(config, senders, far, noise)
         round_number = len(self.rounds) + 1
-        excluded = sorted({index for index, _ in far + astray})
+        excluded = sorted({flagged[0] for flagged in far + noise})
         for index in excluded:
             self._site_row(senders[index], updates[index])["excluded_rounds"].append(round_number)
         return [index for index in range(len(updates)) if index not in excluded]
 
-    def _find_direction_outliers(self, previous, senders, states):
-        """robust.find_direction_outliers, remembering each site's change for the next round
+    def _find_random_updates(self, previous, senders, states):
+        """robust.find_random_updates, remembering each site's change for the next round
         (in float32: half the memory, and a cosine needs no more precision)."""
         if self.site.config.min_cosine is None:
             return []
         changes = robust.update_changes(previous, states)
         last = [self._last_changes.get(sender) for sender in senders]
         self._last_changes = {sender: change.float() for sender, change in zip(senders, changes)}
-        return robust.find_direction_outliers(changes, self.site.config.min_cosine, last)
+        return robust.find_random_updates(changes, last, self.site.config.min_cosine)
 
     def _site_row(self, sender, update):
         row = self.sites.setdefault(str(sender), {"id": sender, "n_train": 0, "weight": 0.0, "excluded_rounds": []})
@@ -155,24 +155,25 @@ def _check_senders(pieces, kind):
         seen.add(sender)
 
 
-def _outlier_error(config, senders, far, astray):
+def _outlier_error(config, senders, far, noise):
     """The UpdateError naming the first site flagged: too far first (the stronger evidence),
-    else pointing elsewhere."""
-    advice = "a hostile or broken site (or, if its data really differ that much, "
+    else random noise."""
     if far:
         index, ratio = far[0]
         return UpdateError(
             f"update from site {senders[index]} is an outlier: {ratio:.1f} times as far from the "
             f"previous global model as the other sites' updates (median), more than outlier_factor "
-            f"{config.outlier_factor:g}; {advice}raise outlier_factor or set robust_aggregation)",
+            f"{config.outlier_factor:g}; a hostile or broken site (or, if its data really differ that "
+            f"much, raise outlier_factor or set robust_aggregation)",
             senders[index], "outlier update")
-    index, cosine, own = astray[0]
+    index, largest, bound = noise[0]
     return UpdateError(
-        f"update from site {senders[index]} points elsewhere: its change from the previous global "
-        f"model has a cosine similarity of {cosine:.2f} with the other sites' (median) and of "
-        f"{own:.2f} with its own change the round before, both less than min_cosine "
-        f"{config.min_cosine:g}; {advice}set min_cosine: null in config.yml)",
-        senders[index], "update points elsewhere")
+        f"update from site {senders[index]} looks like random noise: its change from the previous "
+        f"global model has no cosine similarity above {bound:.3f} in absolute value with any other "
+        f"site's change or its own change the round before (largest {largest:.3f}; min_cosine "
+        f"{config.min_cosine:g}); a hostile or broken site (to turn the check off: set "
+        f"min_cosine: null in config.yml)",
+        senders[index], "update looks like noise")
 
 
 def _check_same_files(own, theirs, sender):

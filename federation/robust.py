@@ -33,12 +33,9 @@ from federation.aggregate import weighted_average
 ROBUST_AGGREGATIONS = ("none", "norm_clip", "trimmed_mean", "median")
 MIN_SITES = 3        # below it no method can tell which site is the wrong one
 TRIM_FRACTION = 0.2  # trimmed_mean drops this share of the sites at each end (at least one)
-# The direction check judges a round only when the other sites' cosines have at least this
-# median: on the sample, honest cosines fall from 0.7 (round 1) to 0.0 (round 9, converged).
-AGREEMENT_COSINE = 0.1
-# The advised `min_cosine` where sites are not strongly label-skewed (docs/robustness.md); the
-# check is off by default.
-ADVISED_MIN_COSINE = 0.02
+# A change is a random direction when all its |cosines| are under 4 standard deviations of a
+# random one's (about 6e-5 of random directions exceed it; bench.directions measures both).
+RANDOM_COSINE_SIGMAS = 4
 
 
 def update_distances(previous, states):
@@ -57,8 +54,9 @@ def update_distances(previous, states):
 
 def update_changes(previous, states):
     """Each state's change (state - previous), flattened to one float64 vector over the entries
-    that update_distances measures, in the same order for every state."""
-    names = [name for name, old in previous.items() if old.is_floating_point()]
+    that update_distances measures, in name order (the same in every round: a decoded message
+    lists its tensors sorted, a site's own model in module order)."""
+    names = sorted(name for name, old in previous.items() if old.is_floating_point())
     changes = []
     for state in states:
         parts = [(state[name].double() - previous[name].double()).flatten() for name in names
@@ -69,17 +67,17 @@ def update_changes(previous, states):
 
 def update_cosines(previous, states):
     """[cosine similarity of each state's change to the coordinate-wise median of the other
-    states' changes] (None where either has norm 0: no direction to judge); from MIN_SITES on."""
+    states' changes] (None where either has norm 0: no direction to judge); from MIN_SITES on.
+    A description of how far apart sites point (bench.directions), not a check."""
     changes = update_changes(previous, states)
     if len(changes) < MIN_SITES or len({change.numel() for change in changes}) != 1:
         return []
-    return change_cosines(changes)
+    return median_cosines(changes)
 
 
-def change_cosines(changes):
-    """Each change's cosine with the coordinate-wise median of the others'. The median, not
-    their mean: one scaled or flipped update would drag a mean away from the honest sites'
-    direction, making them look like the odd ones out."""
+def median_cosines(changes):
+    """Each change's cosine with the coordinate-wise median of the others' changes (the
+    median: one scaled or flipped change cannot drag it)."""
     return [cosine(change, _coordinate_median(torch.stack(changes[:index] + changes[index + 1:])))
             for index, change in enumerate(changes)]
 
@@ -87,52 +85,54 @@ def change_cosines(changes):
 def cosine(one, other):
     """Cosine similarity of two flat vectors; None where either has norm 0 (no direction)."""
     norms = one.norm() * other.norm()
-    return None if norms == 0 else (one @ other / norms).item()
+    return None if norms == 0 else (one @ other.to(one.dtype) / norms).item()
 
 
-def find_direction_outliers(changes, min_cosine, last_changes):
-    """[(index, cosine, own cosine)] of the updates pointing elsewhere. `changes`: this round's
-    (update_changes); `last_changes`: each site's change of the round before (None: none yet).
+def random_direction_bound(min_cosine, n_weights):
+    """The |cosine| under which a change counts as a random direction: `min_cosine`, or, for
+    large models, RANDOM_COSINE_SIGMAS standard deviations of a random direction's cosine
+    (1 / sqrt(n_weights)) if that is smaller. Small models: a random direction's cosines are
+    larger than min_cosine, so noise may pass; it never makes an honest site fail."""
+    return min(min_cosine, RANDOM_COSINE_SIGMAS / math.sqrt(n_weights))
 
-    An update is flagged when its change has a cosine below `min_cosine` both with the others'
-    (change_cosines) and with its own previous change. Against the others alone, honest sites
-    with strongly skewed labels fall below any useful bound (their data pull elsewhere), but
-    they pull the same way round after round; random noise agrees with nothing, not even with
-    the noise the site sent before. So a site's first round is never judged by direction.
-    Flagged updates are set aside one at a time, the lowest first, and the rest measured again,
-    while MIN_SITES remain: a hostile update also moves the others' reference (with 3 sites, a
-    flipped one cancels the honest direction in each honest site's reference). Only while the
-    others agree among themselves (median cosine at least AGREEMENT_COSINE): near convergence
-    honest changes are mostly SGD noise and point nowhere in particular. `min_cosine` None: off."""
-    if min_cosine is None or len({change.numel() for change in changes}) > 1:
+
+def find_random_updates(changes, last_changes, min_cosine):
+    """[(index, largest |cosine|, bound)] of the updates whose change is as unrelated to every
+    other site's change, and to the same site's change the round before, as a random direction
+    is: every |cosine| below random_direction_bound. `changes`: this round's (update_changes);
+    `last_changes`: each site's change of the round before (None: none yet).
+
+    Not the cosine with the others' direction: honest sites with strongly skewed labels point
+    elsewhere than the others, even opposite (cosines to -0.23 measured on Dirichlet 0.1), but
+    never at nothing: gradients live in a small subspace, so an honest change keeps a clear
+    |cosine| (0.025 at the lowest, measured) with some other site's change or its own last one,
+    while random noise has about 1 / sqrt(n_weights) (0.004 for LeNet) with everything.
+    From MIN_SITES sites on; zero changes are not judged. `min_cosine` None: no check."""
+    if min_cosine is None or len(changes) < MIN_SITES or len({change.numel() for change in changes}) != 1:
         return []
-    remaining, found = list(range(len(changes))), []
-    while len(remaining) >= MIN_SITES:
-        astray = _lowest_astray(changes, remaining, min_cosine, last_changes)
-        if astray is None:
-            break
-        found.append(astray)
-        remaining.remove(astray[0])
-    return found
+    bound = random_direction_bound(min_cosine, changes[0].numel())
+    return [(index, largest, bound) for index, largest in enumerate(largest_cosines(changes, last_changes))
+            if largest is not None and largest < bound]
 
 
-def _lowest_astray(changes, remaining, min_cosine, last_changes):
-    """(index, cosine, own cosine) of the lowest-cosine update among `remaining` that fails both
-    tests while the others agree, or None."""
-    cosines = change_cosines([changes[index] for index in remaining])
-    for cosine_, index in sorted((c, i) for i, c in zip(remaining, cosines) if c is not None and c < min_cosine):
-        own = _own_cosine(changes[index], last_changes[index])
-        others = [c for c in change_cosines([changes[i] for i in remaining if i != index]) if c is not None]
-        if own is not None and own < min_cosine and others and statistics.median(others) >= AGREEMENT_COSINE:
-            return index, cosine_, own
-    return None
+def largest_cosines(changes, last_changes):
+    """Each change's largest |cosine| with another site's change or its own previous one (None
+    for a zero change, or nothing to compare with)."""
+    largest = []
+    for index, change in enumerate(changes):
+        references = _references(changes, index, last_changes[index])
+        largest.append(max(abs(cosine(change, reference)) for reference in references)
+                       if change.norm() > 0 and references else None)
+    return largest
 
 
-def _own_cosine(change, last):
-    """The change's cosine with the same site's previous change; None without a comparable one."""
-    if last is None or last.numel() != change.numel():
-        return None
-    return cosine(change, last.to(change.dtype))
+def _references(changes, index, last):
+    """What changes[index] is compared with: the other sites' non-zero changes, and the same
+    site's previous change where it has one of the same size (QAT adds entries when it starts)."""
+    references = [other for i, other in enumerate(changes) if i != index and other.norm() > 0]
+    if last is not None and last.numel() == changes[index].numel() and last.norm() > 0:
+        references.append(last)
+    return references
 
 
 def find_outliers(distances, factor):

@@ -75,15 +75,13 @@ class AppConfig:
     # outlier check (an update more than outlier_factor times as far from the previous global
     # as the other sites' median stops the run naming the site, or with a robust method is left
     # out of the round; null: no check), and the largest share of the averaging weight any one
-    # site gets, whatever n_train it claims (from 3 sites on; null: no cap). The direction
-    # check: an update whose change has a cosine similarity below min_cosine with the other
-    # sites' (coordinate-wise median) change is flagged like a distance outlier (from 3 sites
-    # on; null: no check).
+    # site gets, whatever n_train it claims (from 3 sites on; null: no cap). The random-
+    # direction check: an update whose change has |cosine| below min_cosine (or a random
+    # direction's 4 standard deviations, if smaller) with every other site's change and with its
+    # own change the round before is flagged like a distance outlier (from 3 sites; null: off).
     robust_aggregation: str = "none"
     outlier_factor: float | None = 4.0
-    # Off by default: honest federations with strong label skew (Dirichlet 0.1) measure cosines
-    # below any bound that catches noise (docs/robustness.md); 0.02 is the advised value otherwise.
-    min_cosine: float | None = None
+    min_cosine: float | None = 0.02
     max_site_weight: float | None = 0.5
     # A phase of local work (loading inputs, a round's training, evaluation, calibration,
     # conversion, writing outputs) that runs longer is taken to hang: the site stops with an
@@ -161,9 +159,9 @@ _RULES = {
     "robust_aggregation": ((str,), lambda v: v in ROBUST_AGGREGATIONS, f"one of {', '.join(ROBUST_AGGREGATIONS)}"),
     "outlier_factor": ((int, float, type(None)), lambda v: v is None or 1 < v < float("inf"),
                        "a number > 1 (how many times the other sites' median distance), or null for no check"),
-    "min_cosine": ((int, float, type(None)), lambda v: v is None or -1 <= v < 1,
-                   "a number in [-1, 1) (the least cosine similarity of an update's change with the "
-                   "other sites' median change), or null for no check"),
+    "min_cosine": ((int, float, type(None)), lambda v: v is None or 0 < v < 1,
+                   "a number in (0, 1) (an update's change must have at least this |cosine| with "
+                   "another site's change or its own last one), or null for no check"),
     "max_site_weight": ((int, float, type(None)), lambda v: v is None or 0 < v <= 1,
                         "a number in (0, 1] (a share of the total averaging weight), or null for no cap"),
     "watchdog_seconds": ((int, float), lambda v: v > 0, "a number of seconds > 0"),

@@ -242,7 +242,7 @@ def _sites_section(metrics):
         f"(robust_aggregation: {_text(config.get('robust_aggregation', MISSING))}, "
         f"max_site_weight: {_text(config.get('max_site_weight', MISSING))}). A round listed as "
         "left out: that site's update was an outlier (outlier_factor: "
-        f"{_text(config.get('outlier_factor', MISSING))}) or pointed elsewhere than the others' "
+        f"{_text(config.get('outlier_factor', MISSING))}) or looked like random noise "
         f"(min_cosine: {_text(config.get('min_cosine', MISSING))}) and was not averaged in.</p>",
     ])
 

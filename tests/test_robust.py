@@ -89,8 +89,9 @@ def test_metrics_json_is_strict_and_a_nan_names_its_field():
     ("robust_aggregation", "krum", "one of none, norm_clip, trimmed_mean, median"),
     ("outlier_factor", 1, "a number > 1"),
     ("max_site_weight", 0, "a number in (0, 1]"),
-    ("min_cosine", 1, "a number in [-1, 1)"),
-    ("min_cosine", "0.1", "a number in [-1, 1)"),
+    ("min_cosine", 1, "a number in (0, 1)"),
+    ("min_cosine", -0.1, "a number in (0, 1)"),
+    ("min_cosine", "0.1", "a number in (0, 1)"),
 ])
 def test_robustness_settings_are_validated(key, value, text):
     document = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth", key: value}
@@ -151,44 +152,55 @@ def skewed_changes(n_sites, skew, dim=60_000, seed=0):
     site's own `skew` times as long (skew 1: each site's own part as large as the shared one;
     60,000 weights, about LeNet's)."""
     generator = torch.Generator().manual_seed(seed)
-    shared = torch.randn(dim, generator=generator)
-    return [{"w": shared + skew * torch.randn(dim, generator=generator)} for _ in range(n_sites)]
+    shared = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return [shared + skew * torch.randn(dim, generator=generator, dtype=torch.float64) for _ in range(n_sites)]
+
+
+def noise_like(change, seed=9):
+    noise = torch.randn(change.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return noise * change.norm() / noise.norm()
 
 
 @pytest.mark.parametrize("n_sites", [3, 5, 8])
-def test_a_random_direction_update_is_flagged_and_skewed_honest_ones_are_not(n_sites):
-    assert AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth").min_cosine is None  # off
-    default = robust.ADVISED_MIN_COSINE
-    previous = {"w": torch.zeros(60_000)}
+def test_random_noise_is_flagged_and_skewed_honest_updates_are_not(n_sites):
+    default = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth").min_cosine
+    assert default == 0.02
     honest = skewed_changes(n_sites, skew=2.0)  # pairwise cosines about 0.2, as on Dirichlet(0.5)
-    assert min(robust.update_cosines(previous, honest)) > 0.2
-    assert robust.find_direction_outliers(previous, honest, default) == []
-    norm = honest[1]["w"].norm()
-    noise = torch.randn(60_000, generator=torch.Generator().manual_seed(9))
-    for hostile in (noise * norm / noise.norm(), -honest[1]["w"]):  # random direction, sign flip x-1
-        poisoned = [honest[0], {"w": hostile}, *honest[2:]]
-        assert [index for index, _ in robust.find_direction_outliers(previous, poisoned, default)] == [1]
-        assert robust.find_direction_outliers(previous, poisoned, None) == []
+    pulling_away = [*honest[:-1], -honest[-1]]  # one site pointing against the others' direction
+    assert min(robust.median_cosines(pulling_away)) < -0.15  # as strongly skewed honest sites measured
+    no_history = [None] * n_sites
+    for changes in (honest, pulling_away):
+        assert robust.find_random_updates(changes, no_history, default) == []
+    poisoned = [honest[0], noise_like(honest[1]), *honest[2:]]
+    [(index, largest, bound)] = robust.find_random_updates(poisoned, no_history, default)
+    assert index == 1 and largest < bound == pytest.approx(4 / math.sqrt(60_000))
+    assert robust.find_random_updates(poisoned, no_history, None) == []
 
 
-def test_the_direction_check_judges_nothing_when_the_others_share_no_direction():
-    # Near convergence honest changes are mostly SGD noise: all cosines about 0.
-    previous = {"w": torch.zeros(60_000)}
-    converged = skewed_changes(5, skew=20.0)  # cosines about 0.0025
-    assert max(abs(cosine) for cosine in robust.update_cosines(previous, converged)) < robust.AGREEMENT_COSINE
-    assert robust.find_direction_outliers(previous, converged, 0.02) == []
-    noise = torch.randn(60_000, generator=torch.Generator().manual_seed(9))  # judged in a round with a direction
-    agreeing = skewed_changes(5, skew=2.0)
-    assert robust.find_direction_outliers(previous, [*agreeing[:4], {"w": noise}], 0.02)[0][0] == 4
+def test_a_change_unrelated_to_the_others_is_kept_if_it_continues_its_own_last_one():
+    # A site whose data share nothing with the others' this round (orthogonal to them all), but
+    # that pulls where it pulled the round before, is training, not sending noise.
+    others = skewed_changes(4, skew=2.0)
+    own = noise_like(others[0], seed=3)
+    changes = [*others, own]
+    assert robust.find_random_updates(changes, [None] * 5, 0.02)[0][0] == 4  # nothing to tell it by
+    last = [None, None, None, None, own + 0.5 * noise_like(own, seed=4)]
+    assert robust.find_random_updates(changes, last, 0.02) == []
+    fresh_noise = [None, None, None, None, noise_like(own, seed=5)]  # noise again, other noise
+    assert robust.find_random_updates(changes, fresh_noise, 0.02)[0][0] == 4
 
 
-def test_the_direction_check_needs_three_sites_and_skips_zero_changes():
-    previous = {"w": torch.zeros(4), "count": torch.tensor(3)}
-    assert robust.update_cosines(previous, states(1, -1)) == []  # two sites: which one is wrong?
-    assert robust.find_direction_outliers(previous, states(1, -1), 0.5) == []
-    cosines = robust.update_cosines(previous, states(1, 0, 1, 1))
-    assert cosines[1] is None and cosines[0] == pytest.approx(1.0)  # no change: no direction
-    assert robust.find_direction_outliers(previous, states(1, 0, 1, 1), 0.5) == []
+def test_the_bound_is_min_cosine_or_a_random_directions_4_sigmas():
+    assert robust.random_direction_bound(0.02, 1_000) == 0.02  # small model: noise may pass, honest never fails
+    assert robust.random_direction_bound(0.02, 1_000_000) == pytest.approx(0.004)
+
+
+def test_the_noise_check_needs_three_sites_and_skips_zero_changes():
+    changes = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]
+    assert robust.find_random_updates(changes, [None, None], 0.5) == []  # two sites: which one is wrong?
+    changes = [torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3), torch.tensor([1.0, 0.1, 0.0]), torch.tensor([0.0, 0.0, 1.0])]
+    assert robust.largest_cosines(changes, [None] * 4)[1] is None  # no change: no direction
+    assert [index for index, *_ in robust.find_random_updates(changes, [None] * 4, 0.5)] == [3]
 
 
 def test_weight_cap():
@@ -267,20 +279,50 @@ def noisy_updates(start, hostile_index, n_sites=5):
     return pieces
 
 
-def test_an_update_pointing_elsewhere_stops_the_run_or_is_left_out():
-    advised = robust.ADVISED_MIN_COSINE
-    aggregator, start = coordinator(features=500, min_cosine=advised)  # 1,002 weights: a random direction is one
-    with pytest.raises(UpdateError, match=r"update from site s4 points elsewhere: .* cosine similarity of "
-                                          r"-?0\.\d\d with the other sites' \(median\), less than min_cosine"):
+def test_random_noise_stops_the_run_or_is_left_out():
+    aggregator, start = coordinator(features=30_000)  # the defaults; 60,002 weights, about LeNet's
+    with pytest.raises(UpdateError, match=r"update from site s4 looks like random noise: .* no cosine similarity "
+                                          r"above 0\.016 in absolute value .* \(largest 0\.0\d\d; min_cosine 0\.02\)"):
         aggregator.aggregate(noisy_updates(start, hostile_index=4))
-    aggregator, start = coordinator(features=500, robust_aggregation="trimmed_mean", min_cosine=advised)
+    aggregator, start = coordinator(features=30_000, robust_aggregation="trimmed_mean")
     aggregator.aggregate(noisy_updates(start, hostile_index=4))
     rows = {row["id"]: row for row in aggregator.sites.values()}
     assert rows["s4"]["excluded_rounds"] == [1] and rows["s4"]["weight"] == 0.0
     assert [rows[f"s{index}"]["excluded_rounds"] for index in (1, 2, 3, 5)] == [[]] * 4
-    unchecked, start = coordinator(features=500)  # the default: no check
+    unchecked, start = coordinator(features=30_000, min_cosine=None)
     unchecked.aggregate(noisy_updates(start, hostile_index=4))  # no check: averaged in
     assert list(unchecked.sites.values())[3]["weight"] == 0.2
+
+
+def random_change(start, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(tensor.shape, generator=generator) for name, tensor in start.items()}
+
+
+def pieces_from(base, changes):
+    meta = {"n_train": 100, "train_loss": 0.5, "train_accuracy": 0.8}
+    return [(f"s{index}", Codec().encode_model(ModelMessage({name: base[name] + change[name] for name in base}, meta=meta)))
+            for index, change in enumerate(changes, start=1)]
+
+
+def second_round(s5_change):
+    """Round 1: five related changes (a shared direction plus each site's own). Round 2: four
+    sites go on along a new shared direction, s5 sends `s5_change`, unrelated to theirs."""
+    aggregator, start = coordinator(features=30_000)
+    shared, s5_own = random_change(start, 1), random_change(start, 2)
+    wiggles = [random_change(start, 10 + index) for index in range(5)]
+    round_1 = [{name: shared[name] + 0.3 * wiggle[name] for name in start} for wiggle in wiggles[:4]]
+    round_1.append({name: shared[name] + s5_own[name] for name in start})
+    global_1 = aggregator.codec.decode_global("me", aggregator.aggregate(pieces_from(start, round_1)))
+    shared_2 = random_change(start, 3)
+    round_2 = [{name: shared_2[name] + 0.3 * wiggle[name] for name in start} for wiggle in wiggles[:4]]
+    aggregator.aggregate(pieces_from(global_1.weights, round_2 + [s5_change(start, s5_own)]))
+
+
+def test_the_coordinator_compares_each_site_with_its_own_last_change():
+    second_round(lambda start, own: own)  # unrelated to the others, but where s5 pulled before: kept
+    with pytest.raises(UpdateError, match="update from site s5 looks like random noise"):
+        second_round(lambda start, own: random_change(start, 4))
 
 
 def test_no_site_gets_more_than_max_site_weight():
@@ -320,7 +362,7 @@ def test_honest_federation_is_unchanged_by_the_defaults():
         write_client_dirs(splits, Path(work), SAMPLE / "generic" / config["model"], config)
         clients = sorted(Path(work).glob("client_*"))
         runs = {}
-        for name, overrides in (("defaults", {"min_cosine": robust.ADVISED_MIN_COSINE}), ("off", {"outlier_factor": None, "max_site_weight": None,
+        for name, overrides in (("defaults", {}), ("off", {"outlier_factor": None, "max_site_weight": None,
                                                             "min_cosine": None})):
             sites = load_sites(clients, Path(work) / "generic", overrides)
             runs[name] = (run_rounds(sites)["rounds"], sites[0].local.model.state_dict())
