@@ -37,6 +37,8 @@ import torch
 
 from bench.datasets import DATASETS
 from bench.simulate import SAMPLE, load_sites, run_rounds, sample_config
+from federation.checks import PeerMessageError
+from quant.errors import QuantizationError
 from testbed.split import centralized, split_dataset, write_client_dirs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "federated_quality.json"
@@ -90,9 +92,14 @@ def equal_step_rows(n_samples, n_rows, seed):
 
 
 def run_federation(federation_dir, overrides):
-    """Rounds over the client dirs written by write_client_dirs, with config `overrides`."""
+    """Rounds over the client dirs written by write_client_dirs, with config `overrides`; a run
+    that stops as the app would (a check refusing an update, convert refusing the int8 model)
+    is a row of its own, {"stopped": the message}, and the grid goes on."""
     clients = sorted(federation_dir.glob("client_*"))
-    result = run_rounds(load_sites(clients, federation_dir / "generic", overrides))
+    try:
+        result = run_rounds(load_sites(clients, federation_dir / "generic", overrides))
+    except (PeerMessageError, QuantizationError) as error:
+        return {"stopped": f"{type(error).__name__}: {error}"}
     return {**result, "max_drop": max_site_drop(result["site_test_accuracy"], result["site_test_counts"])}
 
 
@@ -144,14 +151,19 @@ def summarize(values):
 def run_figures(per_seed, run):
     """One run's figures over the seeds, with its gaps to both baselines (seed by seed)."""
     values = {figure: [] for figure in FIGURES}
+    stopped = [seed_results[run]["stopped"] for seed_results in per_seed if "stopped" in seed_results[run]]
     for seed_results in per_seed:
         result = seed_results[run]
+        if "stopped" in result or any("stopped" in seed_results[base] for base in ("central", "central-steps")):
+            continue
         values["accuracy"].append(result["accuracy"])
         values["gap_central"].append(result["accuracy"] - seed_results["central"]["accuracy"])
         values["gap_central_steps"].append(result["accuracy"] - seed_results["central-steps"]["accuracy"])
         values["max_drop"].append(result["max_drop"])
         values["bytes_per_round"].append(result["bytes_per_round"])
-    return {figure: summarize(figure_values) for figure, figure_values in values.items()}
+    if not values["accuracy"]:
+        return {"stopped": stopped}
+    return {"stopped": stopped, **{figure: summarize(figure_values) for figure, figure_values in values.items()}}
 
 
 def make_jobs(args_grid, n_seeds, config, variants, communications):
@@ -181,12 +193,17 @@ def table(results):
     for dataset, settings in results["datasets"].items():
         for setting, runs in settings.items():
             for run, figures in runs.items():
+                if "accuracy" not in figures:
+                    lines.append(f"{dataset:<8} {setting:<16} {run:<22} stopped in every seed: {figures['stopped'][0]}")
+                    continue
                 cells = [f"{100 * figures[f]['mean']:>+7.2f} +-{100 * figures[f]['std']:<4.2f}"
                          for f in ("gap_central", "gap_central_steps")]
                 accuracy = figures["accuracy"]
                 lines.append(f"{dataset:<8} {setting:<16} {run:<22} {100 * accuracy['mean']:>6.2f} +-"
                              f"{100 * accuracy['std']:<5.2f} {cells[0]:>14} {cells[1]:>14} "
-                             f"{100 * figures['max_drop']['mean']:>9.2f}")
+                             f"{100 * figures['max_drop']['mean']:>9.2f}"
+                             + (f"  ({len(figures['stopped'])} seed(s) stopped: {figures['stopped'][0]})"
+                                if figures["stopped"] else ""))
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The benchmarks' second real dataset: Animal-Shape silhouettes read from the animal-mnist wheel."""
+"""The benchmarks' second real dataset (Animal-Shape silhouettes read from the animal-mnist wheel)
+and bench.federated_quality's bookkeeping: max_drop, runs that stop."""
 import gzip
 import pickle
 
@@ -47,3 +48,27 @@ def test_max_drop_counts_only_the_converging_part_of_a_run():
     assert max_site_drop([early_swing, small_site], [300, 50]) == 0.0
     assert abs(max_site_drop([early_swing, small_site, collapse], [300, 50, 300]) - 0.16) < 1e-9
     assert abs(max_site_drop([[0.5, 0.6, 0.9, 0.8]], [100]) - 0.1) < 1e-9  # 100 test samples count
+
+
+def _figures(accuracy):
+    return {"accuracy": accuracy, "max_drop": 0.0, "bytes_per_round": 1000}
+
+
+def test_a_run_that_stops_is_a_row_of_its_own_and_the_grid_goes_on(monkeypatch, tmp_path):
+    from bench import federated_quality
+    from federation.checks import UpdateError
+
+    def stops(sites):
+        raise UpdateError("update from site 3 looks like random noise", "3", "update looks like noise")
+    monkeypatch.setattr(federated_quality, "run_rounds", stops)
+    monkeypatch.setattr(federated_quality, "load_sites", lambda *args: [])
+    assert federated_quality.run_federation(tmp_path, {}) == {
+        "stopped": "UpdateError: update from site 3 looks like random noise"}
+    baselines = {"central": _figures(0.95), "central-steps": _figures(0.90)}
+    per_seed = [{**baselines, "scaffold": _figures(0.93)}, {**baselines, "scaffold": {"stopped": "UpdateError: x"}}]
+    figures = federated_quality.run_figures(per_seed, "scaffold")
+    assert figures["accuracy"]["runs"] == [0.93] and figures["stopped"] == ["UpdateError: x"]
+    assert figures["gap_central"]["mean"] == pytest.approx(-0.02)
+    all_stopped = federated_quality.run_figures([per_seed[1]], "scaffold")
+    text = federated_quality.table({"datasets": {"mnist": {"iid-5": {"scaffold": figures, "fedavg": all_stopped}}}})
+    assert "1 seed(s) stopped: UpdateError: x" in text and "stopped in every seed: UpdateError: x" in text
