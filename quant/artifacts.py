@@ -208,10 +208,10 @@ class _ExecuTorchRunner:
 
 class _OnnxRunner:
     """optimization "all" (onnxruntime's default): QDQ fused into int8 kernels. On x86 CPUs
-    without VNNI (AVX2 only) these compute u8 x s8 products with saturating 16-bit sums, and
-    full-range int8 weights (XNNPACK's scheme) can saturate them: measured here up to 8%
-    (LeNet) and 27% (wide CNN) of the output range away from the reference. "basic": no QDQ
-    fusion, float kernels between exact (de)quantization: within 1% of the reference."""
+    without VNNI (AVX2 only) these compute u8 x s8 products with saturating 16-bit sums,
+    which full-range int8 weights can overflow; the xnnpack path's weights use 7 bits for
+    that reason (quant.pt2e.WEIGHT_QUANT_MAX). "basic": no QDQ fusion, float kernels between
+    exact (de)quantization: the file itself, whatever the CPU."""
 
     def __init__(self, path, threads, optimization="all"):
         ort = _pt2e.onnxruntime()

@@ -2,7 +2,7 @@
 
 torch.export captures the user's model (batch dimension dynamic), torchao's prepare_pt2e /
 prepare_qat_pt2e insert ExecuTorch's XNNPACKQuantizer's observers or fake quantization
-(int8 weights symmetric per channel, int8 activations affine; conv+bn(+relu) and
+(int8 weights symmetric per channel on 7 bits, int8 activations affine; conv+bn(+relu) and
 linear+relu annotated as one pattern), and convert_pt2e gives the reference int8 graph
 (quantize / dequantize ops on plain torch.int8 tensors), which quant.artifacts lowers to
 ExecuTorch, ONNX and a torch.export file.
@@ -108,9 +108,18 @@ def export(model: nn.Module, example_inputs: tuple, operation: str):
         ) from error
 
 
+# Weights are int8 on 7 bits, [-63, 63], not XNNPACK's default [-127, 127]: ONNX Runtime's
+# int8 convolution and matmul kernels on x86 without VNNI (AVX2 only) multiply u8
+# activations by s8 weights with vpmaddubsw, which adds two products in a saturating 16-bit
+# sum: 2 * 255 * 127 overflows it, 2 * 255 * 63 does not (fbgemm's reduce_range, for the
+# same reason). Every file (.pte, .onnx, .pt2) holds this one int8 model.
+WEIGHT_QUANT_MIN, WEIGHT_QUANT_MAX = -63, 63
+
+
 def quantizer(qat: bool):
     lib = _pt2e.pt2e()
-    config = lib.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+    config = lib.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=WEIGHT_QUANT_MIN,
+                                                   weight_qmax=WEIGHT_QUANT_MAX)
     return lib.XNNPACKQuantizer().set_global(config)
 
 

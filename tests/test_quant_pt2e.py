@@ -213,6 +213,24 @@ def test_each_file_in_its_runtime_agrees_with_the_reference_int8_model(artifacts
     assert pte < 100_000 and onnx_file < 150_000  # int8 weights (LeNet: 61k parameters)
 
 
+def test_weights_use_7_bits_so_a_default_onnxruntime_session_matches_the_reference(artifacts, federation, sample):
+    """u8 x s8 int8 kernels without VNNI (onnxruntime on AVX2) add pairs of products in a
+    saturating 16-bit sum: full-range weights overflowed it (8% of the output range off on
+    LeNet); weights on [-63, 63] cannot."""
+    weights = [v for v in federation["int8"][0].state_dict().values() if v.dtype == torch.int8]
+    assert weights and max(int(w.abs().max()) for w in weights) == quant.pt2e.WEIGHT_QUANT_MAX == 63
+    assert quant.pt2e.WEIGHT_QUANT_MIN == -63
+    onnx = quant.artifacts._pt2e.onnx().load(str(artifacts[0]["onnx"]))
+    numpy_helper = quant.artifacts._pt2e.onnx().numpy_helper
+    onnx_weights = [numpy_helper.to_array(t) for t in onnx.graph.initializer if t.data_type == 3]  # INT8
+    assert onnx_weights and max(int(abs(w).max()) for w in onnx_weights) == 63
+    inputs, _ = sample["test"]
+    with torch.no_grad():
+        reference = quant.forward_quant(federation["int8"][0], inputs[:256])
+    output = quant.load_artifact(artifacts[0]["onnx"])(inputs[:256])  # optimizations on: QDQ fused
+    assert float((output - reference).abs().max()) / float(reference.abs().max()) < 0.03
+
+
 def test_cifar_model_without_a_deprecation_warning_any_batch_size(tmp_path):
     """Export, prepare, calibrate, convert, write, load and run with warnings as errors; the
     .pte planned for at most 64 samples runs 100 in chunks; batch 1 runs everywhere."""
