@@ -177,6 +177,15 @@ def test_random_noise_is_flagged_and_skewed_honest_updates_are_not(n_sites):
     assert robust.find_random_updates(poisoned, no_history, None) == []
 
 
+def test_with_dp_the_noise_check_is_off_unless_min_cosine_is_set():
+    # DP-SGD's noise makes honest updates look random (largest |cosine| 0.006 at epsilon 1).
+    base = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
+    dp = {"dp": {"epsilon": 1.0, "delta": 1e-5, "max_grad_norm": 1.0}}
+    assert parse_config(base).min_cosine == 0.02
+    assert parse_config({**base, **dp}).min_cosine is None
+    assert parse_config({**base, **dp, "min_cosine": 0.01}).min_cosine == 0.01
+
+
 def test_a_change_unrelated_to_the_others_is_kept_if_it_continues_its_own_last_one():
     # A site whose data share nothing with the others' this round (orthogonal to them all), but
     # that pulls where it pulled the round before, is training, not sending noise.
