@@ -2,12 +2,15 @@
 
 Every message passes the format checks (federation/checks.py) first; what is left is a site
 that sends a valid model far from what honest training gives, or claims more samples than it
-has. Three independent defences, each a small piece of plain torch (docs/robustness.md):
+has. Independent defences, each a small piece of plain torch (docs/robustness.md):
 
 - `find_outliers`: each update's L2 distance to the previous global (over the averaged
   weights), against the median distance of the other sites' updates that round. One more than
   `outlier_factor` times as far is an outlier: with `robust_aggregation: none` the coordinator
   stops the run naming the site; with a robust method the update is left out of the round.
+- `find_random_updates`: an update whose change relates to nothing (|cosine| below the bound
+  with every other site's change and with its own change the round before) is random noise,
+  not training; flagged like an outlier (`min_cosine`).
 - `capped_weights`: no site gets more than `max_site_weight` of the averaging weight, whatever
   n_train it claims (n_train cannot be verified); from 3 sites on.
 - the robust combinations, chosen with `robust_aggregation` (the ideas of Flower's strategies,
