@@ -31,7 +31,7 @@ class Coordinator:
         self.rounds = []         # federation-wide figures per round
         self._update_meta = []   # this round's update figures, for its row
         self.sites = {}          # sender -> what it claimed and what weight it got (the `final` message)
-        self._last_changes = {}  # sender -> its update's change of the round before (the direction check)
+        self._last_changes = {}  # sender -> its update's change of the round before (the noise check)
 
     @property
     def codec(self) -> Codec:
@@ -75,7 +75,8 @@ class Coordinator:
     def _without_outliers(self, previous, senders, updates):
         """Indices of the updates to combine. An update too far from the previous global
         (robust.find_outliers) or as unrelated to every other update as random noise
-        (robust.find_random_updates) stops the run naming its site; with a robust method it is left out of this round instead."""
+        (robust.find_random_updates) stops the run naming its site; with a robust method it is
+        left out of this round instead."""
         config = self.site.config
         states = [update.weights for update in updates]
         far = robust.find_outliers(robust.update_distances(previous, states), config.outlier_factor)
