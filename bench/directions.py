@@ -28,8 +28,8 @@ import torch
 from bench.simulate import SAMPLE, SAMPLE_CLIENTS, SAMPLE_GENERIC, load_sites, pooled_sample, run_rounds, \
     sample_config
 from federation import payload, robust
-from inputs.config import AppConfig
 from federation.messages import ModelMessage
+from inputs.config import AppConfig
 from testbed.split import split_dataset, write_client_dirs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "directions.json"
@@ -132,7 +132,7 @@ def random_direction_table(runs, min_cosine=DEFAULT_MIN_COSINE):
     """The random-direction check (robust.find_random_updates) on every recorded round: each
     change's largest |cosine| with another site's change or its own previous one, honest
     against noise, and how many each the check flags at min_cosine."""
-    lines = [f"| split | honest lowest | in round | noise highest | bound | honest flagged | noise flagged |",
+    lines = ["| split | honest lowest | in round | noise highest | bound | honest flagged | noise flagged |",
              "|---|---|---|---|---|---|---|"]
     for split in dict.fromkeys(run["split"] for run in runs):
         mine = [run for run in runs if run["split"] == split]
