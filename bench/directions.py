@@ -13,7 +13,9 @@ the other sites' changes (how far apart sites point), and what site 2 would have
 sending random noise of its update's norm, or its update sign-flipped. The second, what the
 random-direction check judges: each change's largest |cosine| with another site's change or
 its own change the round before, honest against noise (fresh each round), and how many of
-each the check flags at the default min_cosine.
+each the check flags at the default min_cosine (from round 2: a site's first update is not
+judged). `--dataset animals` and `--sites` re-split the animal silhouettes or another number
+of sites.
 """
 import argparse
 import json
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bench.simulate import SAMPLE, SAMPLE_CLIENTS, SAMPLE_GENERIC, load_sites, pooled_sample, run_rounds, \
-    sample_config
+from bench.datasets import DATASETS
+from bench.simulate import SAMPLE, SAMPLE_CLIENTS, SAMPLE_GENERIC, load_sites, run_rounds, sample_config
 from federation import payload, robust
 from federation.messages import ModelMessage
 from inputs.config import AppConfig
@@ -35,7 +37,6 @@ from testbed.split import split_dataset, write_client_dirs
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "directions.json"
 SPLITS = {"iid": ("iid", None), "dirichlet-0.5": ("dirichlet", 0.5), "dirichlet-0.1": ("dirichlet", 0.1),
           "sample": (None, None)}
-N_SITES = 5
 CHECKS_OFF = {"min_cosine": None, "outlier_factor": None}
 DEFAULT_MIN_COSINE = AppConfig.min_cosine
 
@@ -85,11 +86,11 @@ def _round_cosines(per_round, generator):
 
 def run_split(job):
     """One honest federation: per round, the honest cosines and the attacks' cosines."""
-    split, seed, epochs, rounds_n, aggregation = job
+    split, seed, epochs, rounds_n, aggregation, dataset, n_sites = job
     torch.set_num_threads(1)
     overrides = {**CHECKS_OFF, "epochs": epochs, "max_iter": rounds_n, "seed": 42 + seed, "aggregation": aggregation}
     with tempfile.TemporaryDirectory() as work_dir:
-        clients, generic = _federation(split, seed, Path(work_dir))
+        clients, generic = _federation(split, seed, Path(work_dir), dataset, n_sites)
         sites = load_sites(clients, generic, overrides)
     recorded = {}
     for site in sites:
@@ -102,12 +103,12 @@ def run_split(job):
             **{key: [row[key] for row in rows] for key in rows[0]}}
 
 
-def _federation(split, seed, work_dir):
+def _federation(split, seed, work_dir, dataset, n_sites):
     scheme, alpha = SPLITS[split]
     if scheme is None:
         return SAMPLE_CLIENTS, SAMPLE_GENERIC
-    inputs, labels = pooled_sample()
-    splits = split_dataset(inputs, labels, N_SITES, scheme=scheme, alpha=alpha or 0.5, seed=seed)
+    inputs, labels = DATASETS[dataset]()
+    splits = split_dataset(inputs, labels, n_sites, scheme=scheme, alpha=alpha or 0.5, seed=seed)
     write_client_dirs(splits, work_dir / "federation", SAMPLE / "generic" / sample_config()["model"], sample_config())
     return sorted((work_dir / "federation").glob("client_*")), work_dir / "federation" / "generic"
 
@@ -131,17 +132,19 @@ def table(runs):
 def random_direction_table(runs, min_cosine=DEFAULT_MIN_COSINE):
     """The random-direction check (robust.find_random_updates) on every recorded round: each
     change's largest |cosine| with another site's change or its own previous one, honest
-    against noise, and how many each the check flags at min_cosine."""
-    lines = ["| split | honest lowest | in round | noise highest | bound | honest flagged | noise flagged |",
-             "|---|---|---|---|---|---|---|"]
+    against noise, and how many each the check flags at min_cosine. A site's first update is
+    not judged: round 1 is shown apart."""
+    lines = ["| split | honest lowest, round 2+ | in round | honest lowest, round 1 (not judged) | "
+             "noise highest, round 2+ | bound | honest flagged | noise flagged |", "|---|---|---|---|---|---|---|---|"]
     for split in dict.fromkeys(run["split"] for run in runs):
         mine = [run for run in runs if run["split"] == split]
-        honest = [(value, r + 1) for run in mine for r, row in enumerate(run["honest_largest"])
+        honest = [(value, r + 2) for run in mine for r, row in enumerate(run["honest_largest"][1:])
                   for value in row if value is not None]
-        noise = [value for run in mine for value in run["noise_largest"] if value is not None]
+        first = min(value for run in mine for value in run["honest_largest"][0] if value is not None)
+        noise = [value for run in mine for value in run["noise_largest"][1:] if value is not None]
         bound = robust.random_direction_bound(min_cosine, mine[0]["n_weights"])
         lowest, lowest_round = min(honest)
-        lines.append(f"| {split} | {lowest:.4f} | {lowest_round} | {max(noise):.4f} | {bound:.4f} | "
+        lines.append(f"| {split} | {lowest:.4f} | {lowest_round} | {first:.4f} | {max(noise):.4f} | {bound:.4f} | "
                      f"{sum(value < bound for value, _ in honest)}/{len(honest)} | "
                      f"{sum(value < bound for value in noise)}/{len(noise)} |")
     return "\n".join(lines)
@@ -154,11 +157,13 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--aggregation", default="auto", help="the aggregation rule (config.yml's key)")
+    parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
+    parser.add_argument("--sites", type=int, default=5, help="sites of the re-split federations")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation) for split in args.splits.split(",")
+    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation, args.dataset, args.sites) for split in args.splits.split(",")
             for seed in (seeds if SPLITS[split][0] else seeds[:1])]
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:

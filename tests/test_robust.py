@@ -166,15 +166,25 @@ def test_random_noise_is_flagged_and_skewed_honest_updates_are_not(n_sites):
     default = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth").min_cosine
     assert default == 0.02
     honest = skewed_changes(n_sites, skew=2.0)  # pairwise cosines about 0.2, as on Dirichlet(0.5)
+    last = skewed_changes(n_sites, skew=2.0, seed=1)  # each site's change of the round before
     pulling_away = [*honest[:-1], -honest[-1]]  # one site pointing against the others' direction
     assert min(robust.median_cosines(pulling_away)) < -0.15  # as strongly skewed honest sites measured
-    no_history = [None] * n_sites
     for changes in (honest, pulling_away):
-        assert robust.find_random_updates(changes, no_history, default) == []
+        assert robust.find_random_updates(changes, last, default) == []
     poisoned = [honest[0], noise_like(honest[1]), *honest[2:]]
-    [(index, largest, bound)] = robust.find_random_updates(poisoned, no_history, default)
+    last_noise = [last[0], noise_like(honest[1], seed=8), *last[2:]]  # fresh noise each round
+    [(index, largest, bound)] = robust.find_random_updates(poisoned, last_noise, default)
     assert index == 1 and largest < bound == pytest.approx(4 / math.sqrt(60_000))
-    assert robust.find_random_updates(poisoned, no_history, None) == []
+    assert robust.find_random_updates(poisoned, last_noise, None) == []
+
+
+def test_a_sites_first_update_is_not_judged():
+    # Round 1: nothing of its own to compare with; honest round-1 updates of sites holding one
+    # or two classes measured as unrelated to the others as noise (0.010).
+    honest = skewed_changes(5, skew=2.0)
+    poisoned = [*honest[:4], noise_like(honest[4])]
+    assert robust.largest_cosines(poisoned, [None] * 5)[4] < 0.016
+    assert robust.find_random_updates(poisoned, [None] * 5, 0.02) == []
 
 
 def test_with_dp_the_noise_check_is_off_unless_min_cosine_is_set():
@@ -192,10 +202,9 @@ def test_a_change_unrelated_to_the_others_is_kept_if_it_continues_its_own_last_o
     others = skewed_changes(4, skew=2.0)
     own = noise_like(others[0], seed=3)
     changes = [*others, own]
-    assert robust.find_random_updates(changes, [None] * 5, 0.02)[0][0] == 4  # nothing to tell it by
-    last = [None, None, None, None, own + 0.5 * noise_like(own, seed=4)]
+    last = [*skewed_changes(4, skew=2.0, seed=1), own + 0.5 * noise_like(own, seed=4)]
     assert robust.find_random_updates(changes, last, 0.02) == []
-    fresh_noise = [None, None, None, None, noise_like(own, seed=5)]  # noise again, other noise
+    fresh_noise = [*last[:4], noise_like(own, seed=5)]  # noise again, other noise
     assert robust.find_random_updates(changes, fresh_noise, 0.02)[0][0] == 4
 
 
@@ -206,10 +215,12 @@ def test_the_bound_is_min_cosine_or_a_random_directions_4_sigmas():
 
 def test_the_noise_check_needs_three_sites_and_skips_zero_changes():
     changes = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]
-    assert robust.find_random_updates(changes, [None, None], 0.5) == []  # two sites: which one is wrong?
-    changes = [torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3), torch.tensor([1.0, 0.1, 0.0]), torch.tensor([0.0, 0.0, 1.0])]
-    assert robust.largest_cosines(changes, [None] * 4)[1] is None  # no change: no direction
-    assert [index for index, *_ in robust.find_random_updates(changes, [None] * 4, 0.5)] == [3]
+    assert robust.find_random_updates(changes, changes, 0.5) == []  # two sites: which one is wrong?
+    changes = [torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.zeros(4), torch.tensor([1.0, 0.1, 0.0, 0.0]),
+               torch.tensor([0.0, 0.0, 1.0, 0.0])]
+    last = [*changes[:3], torch.tensor([0.0, 0.0, 0.0, 1.0])]
+    assert robust.largest_cosines(changes, last)[1] is None  # no change: no direction
+    assert [index for index, *_ in robust.find_random_updates(changes, last, 0.5)] == [3]
 
 
 def test_weight_cap():
@@ -271,10 +282,10 @@ def test_with_a_robust_method_an_outlier_is_left_out_and_shown():
     assert robust.update_distances(start, [global_1.weights])[0] == pytest.approx(1.15 * direction, rel=1e-5)
 
 
-def noisy_updates(start, hostile_index, n_sites=5):
+def noisy_updates(start, hostile_index, n_sites=5, seed=1):
     """Honest updates (a shared direction, each site's own wiggle) and one of random direction
     with the norm of the others' changes."""
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     direction = {name: torch.randn(tensor.shape, generator=generator) for name, tensor in start.items()}
     pieces = []
     for index in range(1, n_sites + 1):
@@ -288,18 +299,26 @@ def noisy_updates(start, hostile_index, n_sites=5):
     return pieces
 
 
+def noisy_rounds(aggregator, start):
+    """Two rounds in which s4 sends fresh random noise (each site's own wiggle new too)."""
+    global_1 = aggregator.codec.decode_global("me", aggregator.aggregate(noisy_updates(start, hostile_index=4)))
+    aggregator.aggregate(noisy_updates(global_1.weights, hostile_index=4, seed=2))
+
+
 def test_random_noise_stops_the_run_or_is_left_out():
     aggregator, start = coordinator(features=30_000)  # the defaults; 60,002 weights, about LeNet's
     with pytest.raises(UpdateError, match=r"update from site s4 looks like random noise: .* no cosine similarity "
                                           r"above 0\.016 in absolute value .* \(largest 0\.0\d\d; min_cosine 0\.02\)"):
-        aggregator.aggregate(noisy_updates(start, hostile_index=4))
+        noisy_rounds(aggregator, start)  # round 2: its first update (round 1) is not judged
+    assert len(aggregator.sites) == 5 and aggregator.sites["s4"]["excluded_rounds"] == []
     aggregator, start = coordinator(features=30_000, robust_aggregation="trimmed_mean")
-    aggregator.aggregate(noisy_updates(start, hostile_index=4))
+    noisy_rounds(aggregator, start)
     rows = {row["id"]: row for row in aggregator.sites.values()}
-    assert rows["s4"]["excluded_rounds"] == [1] and rows["s4"]["weight"] == 0.0
+    # left out once (in round 2; without record_round both rounds are numbered 1 here)
+    assert len(rows["s4"]["excluded_rounds"]) == 1 and rows["s4"]["weight"] == 0.0
     assert [rows[f"s{index}"]["excluded_rounds"] for index in (1, 2, 3, 5)] == [[]] * 4
     unchecked, start = coordinator(features=30_000, min_cosine=None)
-    unchecked.aggregate(noisy_updates(start, hostile_index=4))  # no check: averaged in
+    noisy_rounds(unchecked, start)  # no check: averaged in
     assert list(unchecked.sites.values())[3]["weight"] == 0.2
 
 
