@@ -78,9 +78,9 @@ class Coordinator:
         (robust.find_random_updates) stops the run naming its site; with a robust method it is
         left out of this round instead."""
         config = self.site.config
-        states = [update.weights for update in updates]
-        far = robust.find_outliers(robust.update_distances(previous, states), config.outlier_factor)
-        noise = self._find_random_updates(previous, senders, states)
+        changes = robust.update_changes(previous, [update.weights for update in updates])
+        far = robust.find_outliers(robust.change_norms(changes), config.outlier_factor)
+        noise = self._find_random_updates(senders, changes)
         if config.robust_aggregation == "none" and (far or noise):
             raise _outlier_error(config, senders, far, noise)
         round_number = len(self.rounds) + 1
@@ -89,12 +89,11 @@ class Coordinator:
             self._site_row(senders[index], updates[index])["excluded_rounds"].append(round_number)
         return [index for index in range(len(updates)) if index not in excluded]
 
-    def _find_random_updates(self, previous, senders, states):
+    def _find_random_updates(self, senders, changes):
         """robust.find_random_updates, remembering each site's change for the next round
         (in float32: half the memory, and a cosine needs no more precision)."""
         if self.site.config.min_cosine is None:
             return []
-        changes = robust.update_changes(previous, states)
         last = [self._last_changes.get(sender) for sender in senders]
         self._last_changes = {sender: change.float() for sender, change in zip(senders, changes)}
         return robust.find_random_updates(changes, last, self.site.config.min_cosine)

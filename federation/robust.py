@@ -44,15 +44,11 @@ RANDOM_COSINE_SIGMAS = 4
 def update_distances(previous, states):
     """L2 norm of (state - previous) over every floating-point entry that `previous` has with
     the same shape (entries new this round, e.g. when QAT starts, have nothing to compare to)."""
-    distances = []
-    for state in states:
-        squared = 0.0
-        for name, old in previous.items():
-            new = state.get(name)
-            if old.is_floating_point() and new is not None and new.shape == old.shape:
-                squared += (new.double() - old.double()).square().sum().item()
-        distances.append(math.sqrt(squared))
-    return distances
+    return change_norms(update_changes(previous, states))
+
+
+def change_norms(changes):
+    return [change.norm().item() for change in changes]
 
 
 def update_changes(previous, states):
