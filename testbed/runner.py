@@ -12,7 +12,7 @@ from pathlib import Path
 
 from testbed.relay import Relay
 from testbed.report import failure_report, finished_message, progress_key, progress_line
-from testbed.site import HTTP_TIMEOUT_S, Site, SiteFailure, stop_sites
+from testbed.site import HTTP_TIMEOUT_S, Site, SiteFailure, free_ports, stop_sites
 
 # The real controller polls every 2.0 s; locally a short interval keeps runs fast.
 DEFAULT_QUERY_INTERVAL_S = 0.2
@@ -159,8 +159,8 @@ def _write_received(out_dir, received):
 def _start_all(sites, app, generic_dir, janitor):
     """Start every site's process, each with its share of the cores, watched by the janitor."""
     threads = max(1, (os.cpu_count() or 1) // len(sites))
-    for site in sites:
-        site.start(app, None if generic_dir is None else Path(generic_dir), threads)
+    for site, port in zip(sites, free_ports(len(sites))):
+        site.start(app, None if generic_dir is None else Path(generic_dir), threads, port)
         janitor.watch(site)
 
 

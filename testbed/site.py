@@ -6,6 +6,7 @@ with the generic dir, its app listens on a free local port and its log goes to a
 import html
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -29,6 +30,12 @@ LOG_TAIL_LINES = 40
 # at once sharing one file) is kept.
 LATENCY_LOCK_ENV = "FC_LATENCY_LOCK"
 LATENCY_LOCK_FILE = "latency.lock"
+# Where the sites' ports are drawn from (see free_ports), capped below the ephemeral range.
+PRIVATE_PORT_RANGE = (20000, 32767)
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Independent of the global `random` (seeded by tests and benchmarks): testbeds running at
+# once must not draw the same sequence.
+_PORT_CHOICE = random.SystemRandom()
 
 
 # Runs each site's app: the site dies with the testbed, even when the testbed is SIGKILLed.
@@ -64,11 +71,42 @@ class SiteFailure(Exception):
         self.message = message
 
 
-def free_port():
-    """A port nobody listens on right now (the OS picks it)."""
+def free_ports(count):
+    """count distinct ports nobody listens on right now.
+
+    Drawn at random below the OS's ephemeral range: a site binds its port only once its app
+    has imported torch (seconds later), and in that window any outgoing connection on this
+    machine (the testbed's own status polls) may take an ephemeral port as its local end, while
+    bind(0) may hand two sites of one run the same port (seen in CI: site 2's /setup reached
+    site 1's app). Distinct within the run, checked free by binding each one.
+    """
+    low, high = PRIVATE_PORT_RANGE
+    ephemeral_low = _ephemeral_port_low()
+    if ephemeral_low is not None:
+        high = min(high, ephemeral_low - 1)
+    chosen = set()
+    for port in _PORT_CHOICE.sample(range(low, high + 1), high + 1 - low):
+        if port not in chosen and _can_bind(port):
+            chosen.add(port)
+            if len(chosen) == count:
+                return sorted(chosen)
+    raise RuntimeError(f"fewer than {count} free ports in {low}-{high}")
+
+
+def _ephemeral_port_low():
+    try:
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _can_bind(port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def merge_input_dir(client_dir, generic_dir, input_dir):
@@ -99,10 +137,10 @@ class Site:
 
     # --- process -------------------------------------------------------------------------
 
-    def start(self, app_path, generic_dir, threads):
+    def start(self, app_path, generic_dir, threads, port):
         merge_input_dir(self.client_dir, generic_dir, self.input_dir)
         self.output_dir.mkdir(parents=True)
-        self.port = free_port()
+        self.port = port
         env = dict(os.environ)
         env.update(FC_PORT=str(self.port), FC_INPUT_DIR=str(self.input_dir),
                    FC_OUTPUT_DIR=str(self.output_dir), PYTHONUNBUFFERED="1",

@@ -298,3 +298,26 @@ def test_testbed_and_quant_name_the_same_lock_variable():
     from quant.timing import LATENCY_LOCK_ENV
     from testbed.site import LATENCY_LOCK_ENV as TESTBED_LATENCY_LOCK_ENV
     assert TESTBED_LATENCY_LOCK_ENV == LATENCY_LOCK_ENV
+
+
+def test_ports_are_distinct_free_and_below_the_ephemeral_range():
+    """Each run's sites get distinct ports no outgoing connection can take before they bind."""
+    from testbed import site
+    ports = site.free_ports(20)
+    assert len(set(ports)) == 20
+    ephemeral_low = site._ephemeral_port_low()
+    assert all(site.PRIVATE_PORT_RANGE[0] <= port < (ephemeral_low or 65536) for port in ports)
+    assert all(site._can_bind(port) for port in ports)
+
+
+def test_a_port_someone_listens_on_is_never_chosen(monkeypatch):
+    import socket
+    from testbed import site
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(site, "PRIVATE_PORT_RANGE", (port, port))
+        monkeypatch.setattr(site, "_ephemeral_port_low", lambda: None)
+        with pytest.raises(RuntimeError, match=f"fewer than 1 free ports in {port}-{port}"):
+            site.free_ports(1)
