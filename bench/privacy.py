@@ -3,7 +3,7 @@
     python -m bench.privacy [--seeds 3] [--epsilons 1,3,8] [--delta 1e-5] [--max-grad-norm 1.0]
         [--rows plain,secure,dp] [--out bench/results/privacy.json]
 
-Rows (the sample's 3 sites and its config.yml: LeNet, batch 32, Adam lr 0.002, 5 rounds x 2
+Rows (the sample's 3 sites and its config.yml: LeNet, batch 32, Adam lr 0.005, 5 rounds x 2
 epochs, post_static x86):
 - `plain`: the app as it is; `secure`: secure_aggregation: true (every summed message through
   the controller's fixed-point SMPC, simulated here with testbed.relay.smpc_sum's additive
