@@ -27,6 +27,12 @@ def test_all_seed_keys_accepted():
     assert (config.batch_size, config.learning_rate, config.epochs, config.max_iter) == (64, 0.01, 2, 4)
 
 
+def test_learning_rate_defaults_to_0_005_and_to_0_002_for_qat_unless_set():
+    assert parse_config(dict(BASE)).learning_rate == 0.005
+    assert parse_config({**BASE, "quant_type": "qat"}).learning_rate == 0.002
+    assert parse_config({**BASE, "quant_type": "qat", "learning_rate": 0.005}).learning_rate == 0.005
+
+
 @pytest.mark.parametrize("change, key, text", [
     ({"batch_size": 0}, "batch_size", "integer >= 1"),
     ({"batch_size": True}, "batch_size", "integer >= 1"),
