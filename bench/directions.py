@@ -163,15 +163,16 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation, args.dataset, args.sites) for split in args.splits.split(",")
-            for seed in (seeds if SPLITS[split][0] else seeds[:1])]
+    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation, args.dataset, args.sites)
+            for split in args.splits.split(",") for seed in (seeds if SPLITS[split][0] else seeds[:1])]
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         runs = pool.map(run_split, jobs)
     print(table(runs))
     print(f"{time.perf_counter() - started:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"epochs": args.epochs, "rounds": args.rounds, "aggregation": args.aggregation, "runs": runs}, indent=2))
+    args.out.write_text(json.dumps({"epochs": args.epochs, "rounds": args.rounds, "aggregation": args.aggregation,
+                                    "dataset": args.dataset, "sites": args.sites, "runs": runs}, indent=2))
     print(f"written to {args.out}")
 
 

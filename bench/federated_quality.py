@@ -57,6 +57,9 @@ VARIANTS = {
     "fedavgm-0.6-10x1": {"aggregation": "fedavgm", "server_momentum": 0.6, "max_iter": 10, "epochs": 1},
     "fresh-adam-10x1": {"aggregation": "fedavg", "keep_optimizer_state": False, "max_iter": 10, "epochs": 1},
     "scaffold-10x1": {"aggregation": "scaffold", "max_iter": 10, "epochs": 1},
+    # The local learning rate around the default 0.005 (README, "Why learning_rate: 0.005").
+    **{f"{rule}-lr{rate}": {"aggregation": rule, "learning_rate": rate}
+       for rule in ("fedavg", "scaffold") for rate in (0.002, 0.01)},
 }
 RULES = ("fedavg", "fedavgm", "fedadam", "fedprox", "scaffold")  # the default variants
 COMMUNICATIONS = ("float32", "int8")
