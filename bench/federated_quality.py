@@ -2,7 +2,7 @@
 
     python -m bench.federated_quality [--datasets mnist,animals] [--sites 3,5,10]
         [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...] [--seeds 3]
-        [--rounds R --epochs E] [--communications float32,int8] [--jobs 2] [--estimate]
+        [--rounds R --epochs E --batch-size B] [--communications float32,int8] [--jobs 2] [--estimate]
         [--out bench/results/federated_quality.json]
 
 Each dataset of bench.datasets (mnist: the sample's 5,000 digits; animals: 10,000 animal
@@ -241,6 +241,13 @@ def parse_grid(parser, args):
     return grid, {v: VARIANTS[v] for v in variants}, communications
 
 
+def run_config(args):
+    """The sample's config.yml with --rounds, --epochs and --batch-size where given: every run
+    of the grid (both baselines and the federations) uses it."""
+    overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size}
+    return {**sample_config(), **{key: value for key, value in overrides.items() if value}}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -251,13 +258,13 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, help="max_iter of every run (default: the sample's)")
     parser.add_argument("--epochs", type=int, help="epochs per round of every run (default: the sample's)")
+    parser.add_argument("--batch-size", type=int, help="batch_size of every run (default: the sample's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--estimate", action="store_true", help="time one run, estimate the grid, stop")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     grid, variants, communications = parse_grid(parser, args)
-    config = {**sample_config(), **{key: value for key, value in
-                                    (("max_iter", args.rounds), ("epochs", args.epochs)) if value}}
+    config = run_config(args)
     if args.estimate:
         one_run, total = estimate(grid, args.seeds, config, variants, communications)
         print(f"one run on all of {grid[0][0]}: {one_run:.1f} s; {len(grid)} settings x {args.seeds} seeds x "

@@ -72,3 +72,15 @@ def test_a_run_that_stops_is_a_row_of_its_own_and_the_grid_goes_on(monkeypatch, 
     all_stopped = federated_quality.run_figures([per_seed[1]], "scaffold")
     text = federated_quality.table({"datasets": {"mnist": {"iid-5": {"scaffold": figures, "fedavg": all_stopped}}}})
     assert "1 seed(s) stopped: UpdateError: x" in text and "stopped in every seed: UpdateError: x" in text
+
+
+def test_rounds_epochs_and_batch_size_flags_set_every_run_of_the_grid():
+    from argparse import Namespace
+
+    from bench import federated_quality
+
+    sample = federated_quality.sample_config()
+    config = federated_quality.run_config(Namespace(rounds=None, epochs=3, batch_size=16))
+    assert config["batch_size"] == 16 and config["epochs"] == 3
+    assert config["max_iter"] == sample["max_iter"] and config["model"] == sample["model"]
+    assert federated_quality.run_config(Namespace(rounds=None, epochs=None, batch_size=None)) == sample
