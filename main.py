@@ -20,8 +20,8 @@ from webui import live_status, web_server
 MESSAGES = {
     "to_coordinator": ["summary", r"update_\d+", r"test_\d+", "calibration", "results",
                        # secure_aggregation's sums (ARCHITECTURE.md, "Under secure_aggregation")
-                       "counts", "calibration_range"],
-    "from_coordinator": [r"global_\d+", r"round_\d+", "qparams", "final", "calibration_grid"],
+                       "counts", "calibration_range", r"dp_sum_\d+_\d+"],
+    "from_coordinator": [r"global_\d+", r"round_\d+", "qparams", "final", "calibration_grid", r"dp_model_\d+_\d+"],
 }
 
 

@@ -51,7 +51,7 @@ class FederatedState(AppState):
 
     # ---- the transport the channel uses: the engine's send and receive calls ----
     def send_to_coordinator(self, memo, data):
-        self.site.bytes_sent[memo] = len(data)
+        self.site.record_bytes(memo, len(data))
         self.send_data_to_coordinator(data, memo=memo)
 
     def send_sum(self, memo, vector, exponent):
@@ -61,7 +61,7 @@ class FederatedState(AppState):
         self.send_data_to_coordinator(vector, memo=memo, use_smpc=True)
 
     def broadcast(self, memo, data):
-        self.site.bytes_sent[memo] = len(data)
+        self.site.record_bytes(memo, len(data))
         self.broadcast_data(data, memo=memo)
 
     def gather_pieces(self, memo):

@@ -1,17 +1,20 @@
 """What privacy costs on the sample: secure aggregation and DP-SGD, federated and centralized.
 
     python -m bench.privacy [--seeds 3] [--epsilons 1,3,8] [--delta 1e-5] [--max-grad-norm 1.0]
-        [--rows plain,secure,dp] [--out bench/results/privacy.json]
+        [--rows plain,secure,dp,distributed] [--out bench/results/privacy.json]
 
 Rows (the sample's 3 sites and its config.yml: LeNet, batch 32, Adam lr 0.005, 5 rounds x 2
 epochs, post_static x86):
 - `plain`: the app as it is; `secure`: secure_aggregation: true (every summed message through
-  the controller's fixed-point SMPC, simulated here with testbed.relay.smpc_sum's additive
-  secret shares);
+  the controller's fixed-point SMPC, simulated here with testbed.relay.fixed_point_sum:
+  smpc_sum's result without making the shares);
 - `dp-<eps>`: dp {epsilon, delta, max_grad_norm} at every site (plain aggregation; DP-SGD's
   own defaults: SGD momentum 0.9, lr 0.05, expected Poisson batch 128), beside
   `central-dp-<eps>`: DP-SGD on the union of the three sites' train sets (one site holding it
-  all, the same 10 epochs at the same epsilon): what DP costs by itself, without federation.
+  all, the same 10 epochs at the same epsilon): what DP costs by itself, without federation;
+- `dp-<eps>-distributed`: dp noise: distributed under secure_aggregation (DP-SGD on the union,
+  each step one secure sum of the sites' clipped gradient sums, each with its share of the
+  noise): the same mechanism as `central-dp-<eps>`, run federated.
 
 Each row: federation-wide fp32 and int8 test accuracy (all 1,000 test digits), bytes that
 cross the network per round, wall seconds per round (training included; the machine's load
@@ -73,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--rows", default="plain,secure,dp")
+    parser.add_argument("--rows", default="plain,secure,dp,distributed")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     wanted = args.rows.split(",")
@@ -87,6 +90,10 @@ def main(argv=None):
             dp = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm}
             plans.append((f"dp-{epsilon:g}", "sites", {"dp": dp}))
             plans.append((f"central-dp-{epsilon:g}", "union", {"dp": dp}))
+    if "distributed" in wanted:
+        for epsilon in (float(e) for e in args.epsilons.split(",")):
+            dp = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm, "noise": "distributed"}
+            plans.append((f"dp-{epsilon:g}-distributed", "sites", {"dp": dp, "secure_aggregation": True}))
     rows = {}
     with tempfile.TemporaryDirectory() as work_dir:
         union = [union_client(work_dir)]

@@ -19,7 +19,7 @@ from federation.secure import SecureCoordinator, SecureSite, Sum
 from federation.selection import selection_report
 from federation.site import Site
 from inputs.config import APP_KEY, CONFIG_FILE, read_app_section
-from testbed.relay import smpc_sum
+from testbed.relay import fixed_point_sum
 from testbed.site import merge_input_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,12 +112,13 @@ def kept_figures(rows, site):
 
 
 def secure_sum(contributions):
-    """What the controller does with one SMPC memo: every site's JSON summed in fixed point
-    with additive secret shares (testbed.relay.smpc_sum); (the Sum, bytes sent)."""
+    """What the controller delivers for one SMPC memo: every site's JSON summed in fixed point
+    (testbed.relay.fixed_point_sum: smpc_sum's result without making the shares); (the Sum,
+    bytes sent)."""
     payloads = [json.dumps(contribution.vector).encode() for contribution in contributions]
     (exponent,) = {contribution.exponent for contribution in contributions}
     (memo,) = {contribution.memo for contribution in contributions}
-    return Sum(memo, smpc_sum(payloads, exponent)), sum(map(len, payloads))
+    return Sum(memo, fixed_point_sum(payloads, exponent)), sum(map(len, payloads))
 
 
 def run_rounds_secure(sites):
@@ -132,10 +133,11 @@ def run_rounds_secure(sites):
         secure.receive_totals(site.receive_global("coordinator", start))
     uplink, downlink, seconds = [], [], []
     for round_number in range(1, sites[0].config.max_iter + 1):
-        contributions = []
-        for site, secure in zip(sites, secures):
+        for site in sites:
             site.start_round()
-            contributions.append(secure.update(f"update_{round_number}"))
+        if secures[0].distributed_dp:
+            train_on_noisy_sums(sites, secures, coordinator, round_number)
+        contributions = [secure.update(f"update_{round_number}") for secure in secures]
         started = time.perf_counter()
         total, sent = secure_sum(contributions)
         next_global = coordinator.aggregate(total)
@@ -154,6 +156,16 @@ def run_rounds_secure(sites):
             "update_bytes": statistics.mean(uplink), "global_bytes": statistics.mean(downlink),
             "bytes_per_round": (len(sites) * sum(uplink) + len(sites) * sum(downlink)) / len(downlink),
             "sum_seconds_per_round": statistics.mean(seconds)}
+
+
+def train_on_noisy_sums(sites, secures, coordinator, round_number):
+    """dp.noise distributed: the round's DP-SGD steps, one secure sum each (as
+    federation.channel.SecureChannel runs them)."""
+    for step in range(1, secures[0].dp_plan.steps_per_round + 1):
+        total, _ = secure_sum([secure.dp_sum(f"dp_sum_{round_number}_{step}") for secure in secures])
+        model = coordinator.step_on_noisy_sum(total, round_number)
+        for site in sites:
+            site.receive_global("coordinator", model)
 
 
 def convert_and_export(sites, qparams):

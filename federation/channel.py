@@ -14,19 +14,16 @@ transport (states.FederatedState: the only code that calls FeatureCloud's send m
 Two exchanges take one more step under secure aggregation (federation/secure.py): with the
 `summary` every site sends its sample counts as a sum (`counts`; `global_0` carries the
 totals back), and before its `calibration` histograms the sites agree on a common grid
-(`calibration_range` summed, `calibration_grid` broadcast).
+(`calibration_range` summed, `calibration_grid` broadcast). With `dp.noise: distributed` a
+round's training is DP-SGD steps on the union before the `update`: per step a secure sum of
+noisy gradients (`dp_sum_<r>_<s>`) and the coordinator's next model (`dp_model_<r>_<s>`).
 """
 import json
-import re
 import time
 
 from federation.coordinator import Coordinator
+from federation.messages import memo_kind
 from federation.secure import SecureCoordinator, SecureSite, Sum
-
-
-def memo_kind(memo):
-    """'update_3' -> 'update': the message a memo names, without its round."""
-    return re.sub(r"_\d+$", "", memo)
 
 
 def open_channel(site, n_sites, is_coordinator):
@@ -77,6 +74,8 @@ class SecureChannel:
             memo = "counts"
         elif memo == "calibration":
             self._agree_on_grid(state)
+        elif memo_kind(memo) == "update" and self.secure.distributed_dp:
+            self._train_on_noisy_sums(state, memo)
         self._contribute(state, memo)
 
     def gather(self, state, memo):
@@ -94,7 +93,7 @@ class SecureChannel:
     def _contribution(self, memo):
         """This site's share of the sum under `memo`."""
         secure, kind = self.secure, memo_kind(memo)
-        per_round = {"update": secure.update, "test": secure.test}
+        per_round = {"update": secure.update, "test": secure.test, "dp_sum": secure.dp_sum}
         if kind in per_round:
             return per_round[kind](memo)
         return {"counts": secure.counts, "calibration_range": secure.calibration_range,
@@ -106,8 +105,20 @@ class SecureChannel:
         started = time.perf_counter()
         size = len(json.dumps(contribution.vector))
         state.send_sum(memo, contribution.vector, contribution.exponent)
-        self.site.bytes_sent[memo] = size
+        self.site.record_bytes(memo, size)
         self.secure.record(contribution, size, time.perf_counter() - started)
+
+    def _train_on_noisy_sums(self, state, update_memo):
+        """dp.noise distributed: the round's DP-SGD steps on the union of the sites' data. Each
+        step every site sends its clipped gradient sum plus its share of the noise; the
+        coordinator steps on the sum and every site loads the model it broadcasts."""
+        round_number = int(update_memo.rsplit("_", 1)[1])
+        for step in range(1, self.secure.dp_plan.steps_per_round + 1):
+            summed, model = f"dp_sum_{round_number}_{step}", f"dp_model_{round_number}_{step}"
+            self._contribute(state, summed)
+            if state.is_coordinator:
+                state.broadcast(model, self.aggregator.step_on_noisy_sum(self.gather(state, summed), round_number))
+            self.site.receive_global(*state.await_broadcast(model))
 
     def _agree_on_grid(self, state):
         """Magnitude counts summed give a range holding every site's activations (no site's

@@ -12,6 +12,7 @@ Reports (summary, test figures, results, final) are metadata only, range-checked
 model message's metadata (federation.checks.check_report); statistics messages
 (calibration, qparams) are observer statistics only. Nothing received is used unchecked.
 """
+import re
 from dataclasses import dataclass, field
 
 from federation import payload
@@ -19,6 +20,16 @@ from federation.checks import check_report, check_tensors, schema_of
 from federation.compress import compress, decompress
 
 WEIGHTS, OBSERVERS, CONTROLS = "w/", "q/", "c/"
+
+
+def memo_kind(memo):
+    """'update_3' -> 'update', 'dp_sum_3_17' -> 'dp_sum': the message a memo names."""
+    return re.sub(r"(_\d+)+$", "", memo)
+
+
+def round_memo(memo):
+    """'dp_sum_3_17' -> 'dp_sum_3': a round's step messages are accounted under the round."""
+    return re.sub(r"(_\d+)_\d+$", r"\1", memo)
 
 
 @dataclass

@@ -9,14 +9,15 @@ them, and posts one aggregate (floats again) to the coordinator. What the sums a
 |---|---|---|
 | `counts` | [n_train, n_test] | the federation's totals N, T |
 | `update_<r>` | (n_i/N) * (weights, control variates, train loss, train accuracy) | the weighted averages |
+| `dp_sum_<r>_<s>` | dp.noise distributed: its clipped gradient sum + its share of the noise | DP-SGD's noisy gradient sum of step s |
 | `test_<r>` | [n_test * loss, n_test * accuracy, n_validation, n_validation * (loss, accuracy)] | T * the federation's test figures, V and V * its validation figures |
 | `calibration_range` | power-of-two magnitude counts of its activations | a range holding all sites' |
 | `calibration` | its activation histograms on the common grid | the federation's histograms |
 | `results` | [1, n_train, n_test, n_test * (fp32 and int8 accuracy and loss)] | the sums |
 
 Plain (not summed) are only what is no site's data: `summary` (input shape, number of classes),
-and the coordinator's broadcasts (`global_<r>`, `calibration_grid`, `qparams`, `final`), all made
-from sums.
+and the coordinator's broadcasts (`global_<r>`, `dp_model_<r>_<s>`, `calibration_grid`, `qparams`,
+`final`), all made from sums.
 
 Fixed point: a message whose entries are bounded by B (|x| <= B, refused at the site otherwise)
 is sent with the largest exponent e for which n_sites * B * 10**e < 2**63, so no sum of
@@ -35,16 +36,17 @@ import torch
 
 from federation import payload
 from federation.checks import SiteMismatchError, UpdateError
-from federation.messages import ModelMessage
+from federation.messages import ModelMessage, round_memo
 from federation.summary import check_sites_fit
 from quant import secure_stats
+from training.privacy import NoisyGradientDescent, distributed_plan
 
 WEIGHT_BOUND = 1e4      # |weight|, |control variate|, |train loss| a site may send
 FIGURE_BOUND = 1e4      # |loss| in test and results figures
 COUNT_BOUND = 1e9       # samples per site
 HISTOGRAM_BOUND = 1e12  # one histogram bin's count
 INT64_LIMIT = 2 ** 63
-SECURE_MEMOS = ("counts", "update_<r>", "test_<r>", "calibration_range", "calibration", "results")
+SECURE_MEMOS = ("counts", "update_<r>", "dp_sum_<r>_<s>", "test_<r>", "calibration_range", "calibration", "results")
 
 
 class SecureAggregationError(ValueError):
@@ -139,6 +141,12 @@ def unflatten(vector, schema):
     return tensors
 
 
+def _parameter_schema(site):
+    """The trainable parameters in model order: what a DP-SGD gradient sum holds."""
+    return [(name, (tuple(parameter.shape), torch.float32))
+            for name, parameter in site.local.model.named_parameters() if parameter.requires_grad]
+
+
 def _plain_size(values):
     return len(payload.encode({"values": torch.tensor(values, dtype=torch.float32)}, {}))
 
@@ -153,12 +161,17 @@ class SecureSite:
         self.n_sites = n_sites
         self.n_train_total = None
         self.grid = None
-        self.sent = {}  # memo -> what it cost (metrics.json "privacy")
+        self.dp_plan = None  # dp.noise distributed: the steps every site takes alike
+        self.sent = {}  # memo -> what it cost (metrics.json "privacy"; a round's steps add up)
 
     def record(self, contribution, json_bytes, seconds):
-        self.sent[contribution.memo] = {"json_bytes": json_bytes, "plain_bytes": contribution.plain_bytes,
-                                        "exponent": contribution.exponent, "numbers": len(contribution.vector),
-                                        "send_seconds": seconds}
+        memo = round_memo(contribution.memo)
+        entry = self.sent.setdefault(memo, {"json_bytes": 0, "plain_bytes": 0, "exponent": contribution.exponent,
+                                            "numbers": len(contribution.vector), "send_seconds": 0.0, "sums": 0})
+        entry["json_bytes"] += json_bytes
+        entry["plain_bytes"] += contribution.plain_bytes
+        entry["send_seconds"] += seconds
+        entry["sums"] += 1
 
     def _exponent(self, bound):
         return exponent_for(bound, self.n_sites)
@@ -175,8 +188,26 @@ class SecureSite:
         return Contribution("counts", vector, self._exponent(COUNT_BOUND), _plain_size(vector))
 
     def receive_totals(self, meta):
-        """The federation's totals, from the first global model's metadata."""
+        """The federation's totals, from the first global model's metadata; with dp.noise
+        distributed they fix the sampling rate, the steps and the noise every site uses."""
         self.n_train_total = meta["n_train_total"]
+        settings, config = self.site.local.dp, self.site.config
+        if settings is not None and settings.distributed:
+            self.dp_plan = distributed_plan(settings, self.n_train_total, self.n_sites, config.max_iter, config.epochs)
+            self.site.local.start_distributed_dp(self.dp_plan)
+
+    @property
+    def distributed_dp(self):
+        return self.dp_plan is not None
+
+    def dp_sum(self, memo):
+        """One step of distributed DP-SGD: this site's clipped gradient sum plus its noise share."""
+        with self.site.timed("train"):
+            gradient = self.site.local.noisy_gradient_sum()
+        schema = _parameter_schema(self.site)
+        vector = checked_vector(significant(flatten(gradient, schema)), WEIGHT_BOUND,
+                                "this site's noisy gradient sum")
+        return Contribution(memo, vector, self._exponent(WEIGHT_BOUND), _plain_size(vector))
 
     def update(self, memo):
         """Train one round; the update as (n_i/N) * (model entries, train loss, train accuracy)."""
@@ -242,6 +273,8 @@ class SecureCoordinator:
         self.coordinator = coordinator
         self.totals = None
         self.grid = None
+        self.noisy_descent = None  # dp.noise distributed: the SGD step on the noisy sums
+        self._dp_round = None
 
     @property
     def codec(self):
@@ -267,6 +300,10 @@ class SecureCoordinator:
         self.totals = {"n_train": int(round(n_train)), "n_test": int(round(n_test))}
         if min(self.totals.values()) < 1:
             raise SiteMismatchError(f"the federation's sample counts {self.totals} are not positive")
+        settings = self.coordinator.site.local.dp
+        if settings is not None and settings.distributed:
+            expected_batch = min(settings.batch_size, self.totals["n_train"])
+            self.noisy_descent = NoisyGradientDescent(settings.learning_rate, expected_batch)
         message = self.coordinator.site.local_message(n_train_total=self.totals["n_train"])
         return self.codec.encode_model(message)
 
@@ -285,6 +322,20 @@ class SecureCoordinator:
         latest = self.rounds[-1]["test_accuracy"] if self.rounds else None
         return self.codec.encode_model(ModelMessage(weights, averaged.observers, averaged.controls,
                                                     {"federation_accuracy": latest}))
+
+    def step_on_noisy_sum(self, gradient_sum, round_number):
+        """dp.noise distributed: the next model from step s's summed noisy gradient (broadcast
+        as `dp_model_<r>_<s>`); SGD's momentum restarts each round with keep_optimizer_state false."""
+        site = self.coordinator.site
+        if round_number != self._dp_round and not site.config.keep_optimizer_state:
+            self.noisy_descent.reset()
+        self._dp_round = round_number
+        schema = _parameter_schema(site)
+        gradient = unflatten(gradient_sum.values(sum(math.prod(shape) for _, (shape, _) in schema)), schema)
+        current = ModelMessage.split(self.codec.last_global)
+        weights = self.noisy_descent.step(current.weights, gradient)
+        return self.codec.encode_model(ModelMessage(weights, current.observers, current.controls,
+                                                    {"federation_accuracy": None}))
 
     def record_round(self, round_number, test_sum):
         test_loss, test_accuracy, n_validation, *validation = test_sum.values(5)

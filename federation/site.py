@@ -14,7 +14,7 @@ from pathlib import Path
 
 import quant
 from federation.checks import SiteMismatchError
-from federation.messages import Codec, ModelMessage
+from federation.messages import Codec, ModelMessage, round_memo
 from federation.selection import Decision
 from inputs.site_inputs import SiteInputs, load_site_inputs
 from outputs.atomic import copy_file
@@ -69,6 +69,11 @@ class Site:
             yield
         finally:
             self.seconds[activity] += time.perf_counter() - started
+
+    def record_bytes(self, memo, size):
+        """Payload bytes sent under `memo` (a round's step messages add up under the round)."""
+        memo = round_memo(memo)
+        self.bytes_sent[memo] = self.bytes_sent.get(memo, 0) + size
 
     def summary_message(self):
         return self.codec.encode_report(self.inputs.summary())

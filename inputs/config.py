@@ -170,7 +170,7 @@ _RULES = {
     "secure_aggregation": ((bool,), lambda v: True, "true or false"),
     "dp": ((dict, type(None)), lambda v: v is None or _dp_problem(v) is None,
            "null, or {epsilon: number > 0, delta: number in (0, 1), max_grad_norm: number > 0, "
-           "batch_size: whole number >= 1, learning_rate: number > 0}"),
+           "batch_size: whole number >= 1, learning_rate: number > 0, noise: local or distributed}"),
     "validation_fraction": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no validation split)"),
     "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
     "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
@@ -374,8 +374,11 @@ def _default_keep(section, path):
 
 # batch_size and learning_rate are DP-SGD's own (SGD with momentum, expected Poisson batch);
 # why these values: docs/privacy.md, "Choosing the DP defaults".
-DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05}
-_DP_KEYS = ("epsilon", "delta", "max_grad_norm", "batch_size", "learning_rate")
+# noise: "local" (every site's DP-SGD private by itself) or "distributed" (noise shared out,
+# only the secure sum private): docs/privacy.md, "Distributed noise".
+DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05, "noise": "local"}
+_DP_KEYS = ("epsilon", "delta", "max_grad_norm", "batch_size", "learning_rate", "noise")
+DP_NOISE = ("local", "distributed")
 
 
 def _number(value):
@@ -398,6 +401,8 @@ def _dp_problem(dp):
         return "batch_size must be a whole number >= 1"
     if not _number(dp["learning_rate"]) or not 0 < dp["learning_rate"] < float("inf"):
         return "learning_rate must be a number > 0"
+    if dp["noise"] not in DP_NOISE:
+        return f"noise must be one of {', '.join(DP_NOISE)}"
     return None
 
 
@@ -442,6 +447,10 @@ def _check_privacy(config, path):
             (config.mu != 0,
              "dp does not combine with mu > 0 (FedProx's proximal gradient would bypass Opacus' "
              "per-sample clipping)"),
+            (config.dp["noise"] == "distributed" and not config.secure_aggregation,
+             "dp noise: distributed needs secure_aggregation: true (each site adds only a share "
+             "of the noise, so its gradient sum is private only inside the controller's secure "
+             "sum; without it the coordinator would see every site's barely noised gradients)"),
         )
         for refused, why in refusals:
             if refused:

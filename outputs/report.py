@@ -301,10 +301,20 @@ def _privacy_section(privacy):
                 ("Noise multiplier", f"{dp['noise_multiplier']:.3f}"),
                 ("Per-sample clipping norm", f"{dp['max_grad_norm']:g}"),
                 ("Sampling rate, steps", f"{dp['sample_rate']:.4f}, {dp['steps']}")]
+        distributed = dp.get("noise") == "distributed"
+        if distributed:
+            rows += [("Noise", f"distributed: this site's share {dp['noise_multiplier_own_share']:.3f} "
+                               f"of {dp['n_sites']} sites' shares"),
+                     ("Epsilon if every other site and the coordinator collude",
+                      f"{dp['epsilon_if_peers_collude']:.3f}")]
         body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"
                        for name, value in rows)
+        how = ("DP-SGD on the union of the sites' data, each step a secure sum of the sites' clipped "
+               "gradient sums, each with its share of the noise: the guarantee holds for the sum the "
+               "coordinator sees, as long as the other sites add their shares and do not pool what "
+               "they know with the coordinator" if distributed else "DP-SGD, Opacus")
         parts += [f"<table class='summary' id='dp'>{body}</table>",
-                  "<p class='caption'>Sample-level differential privacy (DP-SGD, Opacus) for this "
+                  f"<p class='caption'>Sample-level differential privacy ({how}) for this "
                   "site's training samples over the whole run. Not covered: the train and test "
                   "figures, the sample counts and the calibration statistics (README.md, "
                   "\"Differential privacy\").</p>"]

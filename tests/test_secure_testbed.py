@@ -65,3 +65,37 @@ def test_every_site_holds_the_same_int8_model_and_reports_privacy(run):
         assert privacy["secure_bytes"]["json"] > privacy["secure_bytes"]["plain_equivalent"] > 0
         assert "summary" in privacy["plain_messages"]
         assert "id='secure-messages'" in (site / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    clients, generic = make_tiny_federation(root, secure_aggregation=True, epochs=1, max_iter=2,
+                                            dp={"epsilon": 8, "noise": "distributed", "batch_size": 96})
+    result = testbed.run_federation(clients, generic, root / "out", quiet=True, timeout=110)
+    assert result.ok, result.message
+    return result
+
+
+def test_distributed_dp_steps_reach_the_coordinator_only_as_sums(distributed_run):
+    """dp noise: distributed: every DP-SGD step is a secure sum (each site's noise share alone
+    would not protect it); the sites receive the coordinator's model after each step."""
+    result = distributed_run
+    steps = read_metrics(result.site_outputs[0])["privacy"]["dp"]["steps"]
+    assert steps == 2 * round(259 / 96)
+    step_memos = {f"dp_sum_{r}_{s}" for r in (1, 2) for s in range(1, steps // 2 + 1)}
+    coordinator = result.received[1]
+    aggregates = Counter(d["memo"] for d in coordinator if d["smpc_aggregate"])
+    assert aggregates == Counter(SUMMED | step_memos)
+    assert {d["memo"] for d in coordinator if d["sender"] != 1} == {"summary"}
+    models = {memo.replace("dp_sum", "dp_model") for memo in step_memos}
+    for site in (2, 3):
+        assert {d["memo"] for d in result.received[site]} == BROADCAST | models
+    int8 = [int8_tensors(torch.jit.load(site / "model_int8.pt")) for site in result.site_outputs]
+    for other in int8[1:]:
+        assert_identical(int8[0], other)
+    for site in result.site_outputs:
+        privacy = read_metrics(site)["privacy"]
+        assert privacy["dp"]["noise"] == "distributed" and 0 < privacy["dp"]["epsilon_spent"] <= 8 * 1.001
+        assert privacy["secure_messages"]["dp_sum_1"]["sums"] == steps // 2
+        assert "Epsilon if every other site and the coordinator collude" in (site / "report.html").read_text()

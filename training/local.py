@@ -7,7 +7,7 @@ import torch
 
 from inputs.train_function import call_train_function
 from training.loop import evaluate, make_optimizer
-from training.privacy import DPSettings, PrivateTraining, dp_optimizer
+from training.privacy import DistributedDPSGD, DPSettings, PrivateTraining, dp_optimizer
 from training.scaffold import ControlVariates
 
 
@@ -26,7 +26,7 @@ class LocalTraining:
     control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
     dp: DPSettings = None        # sample-level DP-SGD (Opacus) for the whole run (None: off)
     total_epochs: int = None     # every epoch of the run (rounds x epochs), for DP's accounting
-    private: PrivateTraining = None
+    private: PrivateTraining | DistributedDPSGD = None
 
     def replace_model(self, model):
         """Train `model` from now on (QAT starts): it has new parameter objects, so a kept
@@ -48,7 +48,8 @@ class LocalTraining:
         # this site's next c_i.
         control = ControlVariates(server_control or {}, self.local_control()) if self.scaffold else None
         if self.dp is not None:
-            self._train_private_round()
+            if not self.dp.distributed:  # distributed: the round's steps went through the federation
+                self._train_private_round()
             return
         with self.on_device() as device:
             call_train_function(self.train_function, self.model, self.train_loader, self.epochs,
@@ -69,6 +70,14 @@ class LocalTraining:
             elif not self.keep_optimizer_state:
                 self.private.reset_optimizer_state()
             self.private.train(self.train_function, self.epochs, self.dp.learning_rate, device)
+
+    def start_distributed_dp(self, plan):
+        """dp.noise: distributed: from now on this site contributes noisy gradient sums."""
+        self.private = DistributedDPSGD(self.model, self.train_loader, self.dp, plan)
+
+    def noisy_gradient_sum(self):
+        """One step of distributed DP-SGD: this site's clipped gradient sum + its noise share."""
+        return self.private.noisy_gradient_sum(self.device)
 
     def finish_private_training(self):
         """The model without Opacus' hooks (before quantization copies it); DP's report."""

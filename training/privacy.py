@@ -9,8 +9,13 @@ epochs x (1 / sampling rate) steps, so the model weights a site releases after a
 within (epsilon, delta) for its own training samples (post-processing: averaging, the
 server's rule and quantization of DP weights keep the guarantee).
 
+`dp.noise: distributed` (DistributedDPSGD, NoisyGradientDescent) runs DP-SGD on the union of
+the sites' data instead: one optimizer step per secure sum, each site adding only its share of
+the noise (docs/privacy.md, "Distributed noise").
+
 What the guarantee does not cover is listed in README.md ("Differential privacy").
 """
+import math
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -39,13 +44,20 @@ class DPSettings:
     # optimizer given to PrivateTraining is used as it is).
     batch_size: int = None
     learning_rate: float = None
+    # "local": each site's DP-SGD is private by itself (PrivateTraining); "distributed": the
+    # noise is split across the sites and only their secure sum is private (DistributedDPSGD).
+    noise: str = "local"
 
     @classmethod
     def from_config(cls, dp):
         if dp is None:
             return None
         return cls(float(dp["epsilon"]), float(dp["delta"]), float(dp["max_grad_norm"]),
-                   int(dp["batch_size"]), float(dp["learning_rate"]))
+                   int(dp["batch_size"]), float(dp["learning_rate"]), dp.get("noise", "local"))
+
+    @property
+    def distributed(self):
+        return self.noise == "distributed"
 
 
 def dp_optimizer(model, settings: DPSettings):
@@ -166,3 +178,168 @@ class PrivateTraining:
                 "max_grad_norm": self.settings.max_grad_norm, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "steps": self.steps, "epochs_planned": self.total_epochs,
                 "epsilon_spent": self.epsilon_spent(), "accountant": "rdp"}
+
+
+# ---- dp.noise: distributed -------------------------------------------------------------------
+#
+# DP-SGD on the union of the sites' data, each step one secure sum: every site Poisson-samples
+# its own records at the federation's rate q (together: a Poisson sample of the union at q),
+# clips each record's gradient to max_grad_norm C, sums them and adds Gaussian noise of standard
+# deviation sigma * C / sqrt(n_sites). The sum over the sites is the clipped gradient sum of the
+# union's batch plus noise of standard deviation sigma * C: exactly centralized DP-SGD's step,
+# so the accountant is centralized DP-SGD's (sigma, q, steps). The coordinator divides by the
+# expected batch and takes the SGD (momentum) step: post-processing.
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    """The schedule every site derives alike from the federation's totals."""
+    sample_rate: float        # q: each record's chance to be in a step's batch
+    expected_batch: float     # q * N: what the summed gradient is divided by
+    steps_per_round: int      # epochs per round / q
+    total_steps: int
+    noise_multiplier: float   # sigma of the summed noise (the accountant's)
+    n_sites: int
+
+    @property
+    def share_multiplier(self):
+        """The noise multiplier each site adds: n_sites shares of variance sigma^2 / n_sites."""
+        return self.noise_multiplier / math.sqrt(self.n_sites)
+
+
+def distributed_plan(settings: DPSettings, n_train_total, n_sites, rounds, epochs):
+    """q = dp.batch_size / N; epochs / q steps per round; sigma for (epsilon, delta) over all."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sample_rate = min(1.0, settings.batch_size / n_train_total)
+    steps_per_round = max(1, round(epochs / sample_rate))
+    total_steps = rounds * steps_per_round
+    context = _quiet()
+    try:
+        sigma = get_noise_multiplier(target_epsilon=settings.epsilon, target_delta=settings.delta,
+                                     sample_rate=sample_rate, steps=total_steps, accountant="rdp")
+    finally:
+        context.__exit__(None, None, None)
+    return DistributedPlan(sample_rate, sample_rate * n_train_total, steps_per_round, total_steps,
+                           float(sigma), n_sites)
+
+
+def rdp_epsilon(noise_multiplier, sample_rate, steps, delta):
+    """Opacus' RDP accountant's epsilon after `steps` sampled Gaussian steps."""
+    from opacus.accountants import RDPAccountant
+
+    if steps == 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    context = _quiet()
+    try:
+        return float(accountant.get_epsilon(delta))
+    finally:
+        context.__exit__(None, None, None)
+
+
+class DistributedDPSGD:
+    """One site's half of distributed DP-SGD: per step, its clipped per-sample gradient sum plus
+    its share of the noise (Opacus' GradSampleModule and DPOptimizer clip and add the noise;
+    the step itself is the coordinator's, NoisyGradientDescent)."""
+
+    def __init__(self, model, train_loader, settings: DPSettings, plan: DistributedPlan):
+        from opacus import GradSampleModule
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+
+        check_model(model)
+        self.settings, self.plan = settings, plan
+        self.steps = 0
+        # Secret noise and sampling, as in PrivateTraining: a peer must not be able to replay them.
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.loader = DPDataLoader(train_loader.dataset, sample_rate=plan.sample_rate,
+                                   collate_fn=train_loader.collate_fn, generator=generator)
+        self._batches = iter(())
+        context = _quiet()
+        try:
+            self.module = GradSampleModule(model, loss_reduction="sum")
+            # Never stepped: pre_step() clips, sums and adds the noise into .grad; with
+            # loss_reduction "sum" the sum is not divided (the coordinator divides the total).
+            self.optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                         noise_multiplier=plan.share_multiplier,
+                                         max_grad_norm=settings.max_grad_norm, expected_batch_size=None,
+                                         loss_reduction="sum", generator=generator)
+        finally:
+            context.__exit__(None, None, None)
+
+    def _next_batch(self):
+        batch = next(self._batches, None)
+        if batch is None:  # an epoch of the Poisson loader is done: start the next
+            self._batches = iter(self.loader)
+            batch = next(self._batches)
+        return batch
+
+    def noisy_gradient_sum(self, device="cpu"):
+        """This step's contribution by parameter name: clipped gradient sum + noise share."""
+        inputs, labels = self._next_batch()
+        context = _quiet()
+        try:
+            self.module.to(device).train()
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.module(inputs.to(device))
+            torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").backward()
+            self.optimizer.pre_step()
+            gradient = {name: parameter.grad.detach().cpu().clone()
+                        for name, parameter in self.module._module.named_parameters() if parameter.requires_grad}
+            self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.module.to("cpu")
+            context.__exit__(None, None, None)
+        self.steps += 1
+        return gradient
+
+    def epsilon_spent(self):
+        return rdp_epsilon(self.plan.noise_multiplier, self.plan.sample_rate, self.steps, self.settings.delta)
+
+    def epsilon_if_peers_collude(self):
+        """What this site's own noise share guarantees alone: if every other site and the
+        coordinator pooled what they know, only this share would be left."""
+        return rdp_epsilon(self.plan.share_multiplier, self.plan.sample_rate, self.steps, self.settings.delta)
+
+    def close(self):
+        """Remove Opacus' hooks: the model is plain again (for quantization, which copies it)."""
+        self.module._close()
+        for parameter in self.module._module.parameters():
+            for name in ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad"):
+                if hasattr(parameter, name):
+                    delattr(parameter, name)
+
+    def report(self):
+        return {"noise": "distributed", "epsilon_target": self.settings.epsilon, "delta": self.settings.delta,
+                "max_grad_norm": self.settings.max_grad_norm, "noise_multiplier": self.plan.noise_multiplier,
+                "noise_multiplier_own_share": self.plan.share_multiplier, "n_sites": self.plan.n_sites,
+                "sample_rate": self.plan.sample_rate, "steps": self.steps,
+                "epochs_planned": self.plan.total_steps * self.plan.sample_rate,
+                "epsilon_spent": self.epsilon_spent(),
+                "epsilon_if_peers_collude": self.epsilon_if_peers_collude(), "accountant": "rdp"}
+
+
+class NoisyGradientDescent:
+    """The coordinator's half: SGD with momentum 0.9 (dp_optimizer's, as centralized DP-SGD
+    steps) on the summed noisy gradient divided by the expected batch."""
+    MOMENTUM = 0.9
+
+    def __init__(self, learning_rate, expected_batch):
+        self.learning_rate, self.expected_batch = learning_rate, expected_batch
+        self.velocity = {}
+
+    def reset(self):
+        self.velocity = {}
+
+    def step(self, weights, gradient_sum):
+        """`weights` (by name, float32) after one step; names without a gradient stay."""
+        stepped = dict(weights)
+        for name, summed in gradient_sum.items():
+            gradient = (summed / self.expected_batch).to(weights[name].dtype)
+            velocity = self.velocity.get(name)
+            # torch.optim.SGD's momentum (dampening 0): v = momentum * v + g; w = w - lr * v
+            velocity = gradient.clone() if velocity is None else velocity.mul_(self.MOMENTUM).add_(gradient)
+            self.velocity[name] = velocity
+            stepped[name] = weights[name] - self.learning_rate * velocity
+        return stepped

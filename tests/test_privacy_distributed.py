@@ -1,0 +1,131 @@
+"""dp noise: distributed: DP-SGD on the union of the sites' data, one secure sum per step, each
+site adding only its share of the noise (training/privacy.py, federation/secure.py)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.simulate import load_sites, quantize_sites, run_rounds
+from federation.messages import memo_kind, round_memo
+from inputs.config import parse_config
+from inputs.errors import InputError
+from testbed.relay import fixed_point_sum, smpc_sum
+from tests.e2e_helpers import assert_identical, int8_tensors
+from tests.privacy_helpers import SIZES, make_tiny_federation
+from training import make_loader
+from training.privacy import (DistributedDPSGD, DistributedPlan, DPSettings, NoisyGradientDescent,
+                              distributed_plan, rdp_epsilon)
+
+pytestmark = pytest.mark.timeout(120)
+BASE = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
+DISTRIBUTED = {"epsilon": 4, "noise": "distributed", "batch_size": 64}
+
+
+def test_distributed_noise_needs_secure_aggregation():
+    with pytest.raises(InputError, match="needs secure_aggregation: true") as error:
+        parse_config({**BASE, "dp": DISTRIBUTED}, "config.yml")
+    assert error.value.key == "dp" and "config.yml" in str(error.value)
+    config = parse_config({**BASE, "dp": DISTRIBUTED, "secure_aggregation": True})
+    assert DPSettings.from_config(config.dp).distributed
+    assert parse_config({**BASE, "dp": {"epsilon": 4}}).dp["noise"] == "local"
+    with pytest.raises(InputError, match="noise: local or distributed}, got"):
+        parse_config({**BASE, "dp": {"epsilon": 4, "noise": "central"}, "secure_aggregation": True})
+
+
+def test_the_plan_spends_the_budget_over_every_step_of_the_union():
+    settings = DPSettings(3.0, 1e-5, 1.0, batch_size=128, learning_rate=0.05, noise="distributed")
+    plan = distributed_plan(settings, n_train_total=3600, n_sites=3, rounds=5, epochs=2)
+    assert plan.sample_rate == pytest.approx(128 / 3600) and plan.expected_batch == pytest.approx(128)
+    assert plan.steps_per_round == round(2 * 3600 / 128) and plan.total_steps == 5 * plan.steps_per_round
+    spent = rdp_epsilon(plan.noise_multiplier, plan.sample_rate, plan.total_steps, 1e-5)
+    assert 0.97 * 3.0 <= spent <= 3.0 * 1.001
+    assert plan.share_multiplier == pytest.approx(plan.noise_multiplier / math.sqrt(3))
+    # One site's share alone protects far less: what is left if the others collude.
+    assert rdp_epsilon(plan.share_multiplier, plan.sample_rate, plan.total_steps, 1e-5) > 2 * spent
+
+
+def test_a_contribution_is_the_clipped_gradient_sum_plus_the_noise_share():
+    """At sampling rate 1 every record is in the batch: the contribution minus the sum of
+    per-sample gradients clipped to C (computed here by hand) is the noise, whose standard
+    deviation is the share sigma * C / sqrt(n_sites)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+    inputs, labels = torch.randn(40, 20) * 3, torch.randint(0, 5, (40,))
+    loader = make_loader(torch.utils.data.TensorDataset(inputs, labels), 8, shuffle=False, seed=0)
+    clip = 0.5
+    plan = DistributedPlan(sample_rate=1.0, expected_batch=40, steps_per_round=1, total_steps=1,
+                           noise_multiplier=2.0, n_sites=4)
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for x, y in zip(inputs, labels):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+        norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        for name, p in model.named_parameters():
+            expected[name] += p.grad * min(1.0, clip / (norm.item() + 1e-6))
+    private = DistributedDPSGD(model, loader, DPSettings(1.0, 1e-5, clip, 40, 0.05, "distributed"), plan)
+    contribution = private.noisy_gradient_sum()
+    noise = torch.cat([(contribution[name] - expected[name]).flatten() for name in expected])
+    assert noise.std().item() == pytest.approx(2.0 * clip / math.sqrt(4), rel=0.05)
+    assert abs(noise.mean().item()) < 0.05
+    assert private.report()["steps"] == 1 and private.report()["noise"] == "distributed"
+    private.close()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_the_coordinators_step_is_sgd_with_momentum_on_the_mean():
+    torch.manual_seed(1)
+    weights = {"a": torch.randn(3, 2), "b": torch.randn(4), "buffer": torch.ones(2)}
+    reference = {name: tensor.clone().requires_grad_() for name, tensor in weights.items() if name != "buffer"}
+    sgd = torch.optim.SGD(list(reference.values()), lr=0.05, momentum=0.9)
+    descent = NoisyGradientDescent(0.05, expected_batch=32)
+    for _ in range(4):
+        sums = {name: torch.randn_like(tensor) * 32 for name, tensor in reference.items()}
+        weights = descent.step(weights, sums)
+        for name, tensor in reference.items():
+            tensor.grad = sums[name] / 32
+        sgd.step()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor.detach())
+    assert torch.equal(weights["buffer"], torch.ones(2))
+
+
+def test_the_fast_fixed_point_sum_is_the_controllers_sum():
+    rng = np.random.default_rng(0)
+    vectors = [list(rng.normal(0, 50, 300)) + [0.0, -1e4, 1e4] for _ in range(3)]
+    payloads = [json.dumps(vector).encode() for vector in vectors]
+    for exponent in (5, 14):
+        assert json.loads(fixed_point_sum(payloads, exponent)) == json.loads(smpc_sum(payloads, exponent))
+    with pytest.raises(ValueError, match="differ in shape"):
+        fixed_point_sum([b"[1, 2]", b"[1]"], 5)
+
+
+def test_a_federation_trains_on_noisy_sums_and_every_site_ends_identical(tmp_path):
+    dp = {"epsilon": 8, "noise": "distributed", "batch_size": 32, "learning_rate": 0.5}
+    clients, generic = make_tiny_federation(tmp_path, dp=dp, secure_aggregation=True, max_iter=2, epochs=2,
+                                            validation_fraction=0)
+    sites = load_sites(clients, generic)
+    result = run_rounds(sites)
+    n_total = sum(SIZES)
+    steps_per_round = round(2 * n_total / 32)
+    figures = quantize_sites(sites)
+    reports = [site.dp_report for site in sites]
+    for report in reports:
+        assert report["noise"] == "distributed" and report["steps"] == 2 * steps_per_round
+        assert report["sample_rate"] == pytest.approx(32 / n_total)
+        assert 0.9 * 8 <= report["epsilon_spent"] <= 8 * 1.001
+        assert report["epsilon_if_peers_collude"] > report["epsilon_spent"]
+        assert report["noise_multiplier_own_share"] == pytest.approx(report["noise_multiplier"] / math.sqrt(3))
+    int8 = [int8_tensors(site.recipe.int8_model) for site in sites]
+    for other in int8[1:]:
+        assert_identical(int8[0], other)
+    # The tiny task is learnable: DP-SGD on the union must beat chance (4 classes) clearly.
+    assert figures["fp32"]["accuracy"] > 0.5 and len(result["rounds"]) == 2
+
+
+def test_step_memos_are_accounted_under_their_round():
+    assert memo_kind("dp_sum_3_17") == "dp_sum" and memo_kind("update_3") == "update"
+    assert round_memo("dp_sum_3_17") == "dp_sum_3" and round_memo("update_3") == "update_3"
+    assert round_memo("calibration") == "calibration"
