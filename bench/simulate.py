@@ -135,15 +135,15 @@ def run_rounds_secure(sites):
     for round_number in range(1, sites[0].config.max_iter + 1):
         for site in sites:
             site.start_round()
-        if secures[0].distributed_dp:
-            train_on_noisy_sums(sites, secures, coordinator, round_number)
+        step_uplink, step_downlink = train_on_noisy_sums(sites, secures, coordinator, round_number) \
+            if secures[0].distributed_dp else (0, 0)
         contributions = [secure.update(f"update_{round_number}") for secure in secures]
         started = time.perf_counter()
         total, sent = secure_sum(contributions)
         next_global = coordinator.aggregate(total)
         seconds.append(time.perf_counter() - started)
-        uplink.append(sent / len(sites))
-        downlink.append(len(next_global))
+        uplink.append((sent + step_uplink) / len(sites))
+        downlink.append(len(next_global) + step_downlink)
         for site in sites:
             site.receive_global("coordinator", next_global)
         tests, _ = secure_sum([secure.test(f"test_{round_number}") for secure in secures])
@@ -160,12 +160,15 @@ def run_rounds_secure(sites):
 
 def train_on_noisy_sums(sites, secures, coordinator, round_number):
     """dp.noise distributed: the round's DP-SGD steps, one secure sum each (as
-    federation.channel.SecureChannel runs them)."""
+    federation.channel.SecureChannel runs them); the bytes the sites sent and the broadcasts'."""
+    uplink = downlink = 0
     for step in range(1, secures[0].dp_plan.steps_per_round + 1):
-        total, _ = secure_sum([secure.dp_sum(f"dp_sum_{round_number}_{step}") for secure in secures])
+        total, sent = secure_sum([secure.dp_sum(f"dp_sum_{round_number}_{step}") for secure in secures])
         model = coordinator.step_on_noisy_sum(total, round_number)
         for site in sites:
             site.receive_global("coordinator", model)
+        uplink, downlink = uplink + sent, downlink + len(model)
+    return uplink, downlink
 
 
 def convert_and_export(sites, qparams):

@@ -123,6 +123,9 @@ def test_a_federation_trains_on_noisy_sums_and_every_site_ends_identical(tmp_pat
         assert_identical(int8[0], other)
     # The tiny task is learnable: DP-SGD on the union must beat chance (4 classes) clearly.
     assert figures["fp32"]["accuracy"] > 0.5 and len(result["rounds"]) == 2
+    # Each step costs a model-sized JSON vector from every site and a model broadcast.
+    n_parameters = sum(p.numel() for p in sites[0].local.model.parameters())
+    assert result["bytes_per_round"] > steps_per_round * 3 * n_parameters * 5
 
 
 def test_step_memos_are_accounted_under_their_round():
