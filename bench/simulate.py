@@ -125,7 +125,7 @@ def run_rounds_secure(sites):
     """run_rounds under secure_aggregation: the states' secure path (Site -> SecureSite
     contributions -> fixed-point sum -> SecureCoordinator), transport left out."""
     secures = [SecureSite(site, len(sites)) for site in sites]
-    coordinator = SecureCoordinator(Coordinator(sites[0]))
+    coordinator = SecureCoordinator(Coordinator(sites[0]), len(sites))
     coordinator.check_summaries(_pieces(secure.summary_message() for secure in secures))
     counts, _ = secure_sum([secure.counts() for secure in secures])
     start = coordinator.first_global(counts)

@@ -66,7 +66,7 @@ class SecureChannel:
     def __init__(self, site, n_sites, is_coordinator):
         self.site = site
         self.secure = SecureSite(site, n_sites)
-        self.aggregator = SecureCoordinator(Coordinator(site)) if is_coordinator else None
+        self.aggregator = SecureCoordinator(Coordinator(site), n_sites) if is_coordinator else None
 
     def send(self, state, memo):
         if memo == "summary":

@@ -39,7 +39,7 @@ from federation.checks import SiteMismatchError, UpdateError
 from federation.messages import ModelMessage, round_memo
 from federation.summary import check_sites_fit
 from quant import secure_stats
-from training.privacy import NoisyGradientDescent, distributed_plan
+from training.privacy import NoisyGradientDescent, distributed_plan, gradient_sum_bound
 
 WEIGHT_BOUND = 1e4      # |weight|, |control variate|, |train loss| a site may send
 FIGURE_BOUND = 1e4      # |loss| in test and results figures
@@ -269,11 +269,13 @@ class SecureCoordinator:
     or statistics. Each sum arrives as a `Sum`; broadcasts are the same plain messages as
     without secure aggregation."""
 
-    def __init__(self, coordinator):
+    def __init__(self, coordinator, n_sites):
         self.coordinator = coordinator
+        self.n_sites = n_sites
         self.totals = None
         self.grid = None
-        self.noisy_descent = None  # dp.noise distributed: the SGD step on the noisy sums
+        self.dp_plan = None        # dp.noise distributed: the steps' schedule and noise
+        self.noisy_descent = None  # and the SGD step on the noisy sums
         self._dp_round = None
 
     @property
@@ -300,10 +302,11 @@ class SecureCoordinator:
         self.totals = {"n_train": int(round(n_train)), "n_test": int(round(n_test))}
         if min(self.totals.values()) < 1:
             raise SiteMismatchError(f"the federation's sample counts {self.totals} are not positive")
-        settings = self.coordinator.site.local.dp
+        settings, config = self.coordinator.site.local.dp, self.coordinator.site.config
         if settings is not None and settings.distributed:
-            expected_batch = min(settings.batch_size, self.totals["n_train"])
-            self.noisy_descent = NoisyGradientDescent(settings.learning_rate, expected_batch)
+            self.dp_plan = distributed_plan(settings, self.totals["n_train"], self.n_sites, config.max_iter,
+                                            config.epochs)
+            self.noisy_descent = NoisyGradientDescent(settings.learning_rate, self.dp_plan.expected_batch)
         message = self.coordinator.site.local_message(n_train_total=self.totals["n_train"])
         return self.codec.encode_model(message)
 
@@ -331,11 +334,25 @@ class SecureCoordinator:
             self.noisy_descent.reset()
         self._dp_round = round_number
         schema = _parameter_schema(site)
-        gradient = unflatten(gradient_sum.values(sum(math.prod(shape) for _, (shape, _) in schema)), schema)
+        summed = gradient_sum.values(sum(math.prod(shape) for _, (shape, _) in schema))
+        self._check_gradient_sum(summed, gradient_sum.memo)
+        gradient = unflatten(summed, schema)
         current = ModelMessage.split(self.codec.last_global)
         weights = self.noisy_descent.step(current.weights, gradient)
         return self.codec.encode_model(ModelMessage(weights, current.observers, current.controls,
                                                     {"federation_accuracy": None}))
+
+    def _check_gradient_sum(self, summed, memo):
+        """A sum larger than the union's clipped gradients plus the noise can be means some site
+        sent more than its clipped gradient sum: stop (secure aggregation hides which site)."""
+        settings = self.coordinator.site.local.dp
+        bound = gradient_sum_bound(self.dp_plan, settings.max_grad_norm, len(summed))
+        norm = float(np.linalg.norm(summed))
+        if norm > bound:
+            raise UpdateError(f"the secure sum under memo '{memo}' has norm {norm:.4g}, more than the "
+                              f"{bound:.4g} that the union's gradients clipped to max_grad_norm "
+                              f"{settings.max_grad_norm:g} plus the DP noise can reach: a site sent more "
+                              "than its clipped gradient sum (the secure sum hides which one)")
 
     def record_round(self, round_number, test_sum):
         test_loss, test_accuracy, n_validation, *validation = test_sum.values(5)

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from bench.simulate import load_sites, quantize_sites, run_rounds
+from federation.checks import UpdateError
 from federation.messages import memo_kind, round_memo
+from federation.secure import SecureSite
 from inputs.config import parse_config
 from inputs.errors import InputError
 from testbed.relay import fixed_point_sum, smpc_sum
@@ -132,3 +134,22 @@ def test_step_memos_are_accounted_under_their_round():
     assert memo_kind("dp_sum_3_17") == "dp_sum" and memo_kind("update_3") == "update"
     assert round_memo("dp_sum_3_17") == "dp_sum_3" and round_memo("update_3") == "update_3"
     assert round_memo("calibration") == "calibration"
+
+
+def test_a_site_sending_more_than_its_clipped_gradients_stops_the_run(tmp_path, monkeypatch):
+    """The coordinator cannot see whose contribution it was, but a sum beyond what clipped
+    gradients plus the noise can reach is refused instead of being stepped on."""
+    clients, generic = make_tiny_federation(tmp_path, dp={**DISTRIBUTED, "batch_size": 32}, secure_aggregation=True,
+                                            max_iter=1, epochs=1, validation_fraction=0)
+    sites = load_sites(clients, generic)
+    honest = SecureSite.dp_sum
+
+    def hostile(self, memo):
+        contribution = honest(self, memo)
+        if self.site is sites[1] and memo.endswith("_3"):  # two honest steps first
+            contribution.vector = [value + 10.0 for value in contribution.vector]
+        return contribution
+
+    monkeypatch.setattr(SecureSite, "dp_sum", hostile)
+    with pytest.raises(UpdateError, match=r"dp_sum_1_3' has norm .* a site sent more than its clipped gradient sum"):
+        run_rounds(sites)

@@ -15,6 +15,7 @@ the noise (docs/privacy.md, "Distributed noise").
 
 What the guarantee does not cover is listed in README.md ("Differential privacy").
 """
+import functools
 import math
 import secrets
 import warnings
@@ -206,6 +207,7 @@ class DistributedPlan:
         return self.noise_multiplier / math.sqrt(self.n_sites)
 
 
+@functools.lru_cache(maxsize=8)  # the coordinator needs it twice (as a site, to step); seconds each
 def distributed_plan(settings: DPSettings, n_train_total, n_sites, rounds, epochs):
     """q = dp.batch_size / N; epochs / q steps per round; sigma for (epsilon, delta) over all."""
     from opacus.accountants.utils import get_noise_multiplier
@@ -221,6 +223,16 @@ def distributed_plan(settings: DPSettings, n_train_total, n_sites, rounds, epoch
         context.__exit__(None, None, None)
     return DistributedPlan(sample_rate, sample_rate * n_train_total, steps_per_round, total_steps,
                            float(sigma), n_sites)
+
+
+def gradient_sum_bound(plan: DistributedPlan, max_grad_norm, n_parameters):
+    """A norm that one step's summed noisy gradient exceeds with probability below 1e-12 while
+    every site follows the protocol: the union's Poisson batch (mean q N; + 8 standard
+    deviations) of gradients clipped to C, plus Gaussian noise of sigma C per coordinate (its
+    norm exceeds sigma C (sqrt(d) + t) with probability below exp(-t^2 / 2); t = 8)."""
+    batch = plan.expected_batch + 8 * math.sqrt(plan.expected_batch) + 8
+    noise = plan.noise_multiplier * max_grad_norm * (math.sqrt(n_parameters) + 8)
+    return max_grad_norm * batch + noise
 
 
 def rdp_epsilon(noise_multiplier, sample_rate, steps, delta):
