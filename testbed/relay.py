@@ -6,7 +6,6 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 
@@ -21,6 +20,8 @@ def memo_of(status):
 
 def _to_fixed(value, scale):
     """JSON numbers (nested lists allowed) to fixed-point ints, as the controller does."""
+    if isinstance(value, list) and all(type(item) is float for item in value):
+        return [int(item * scale) for item in value]  # the apps' flat vectors, fast
     if isinstance(value, bool) or not isinstance(value, (int, float, list)):
         raise TypeError(f"SMPC payloads must be numbers or nested lists of numbers, "
                         f"found {type(value).__name__}")
@@ -29,12 +30,13 @@ def _to_fixed(value, scale):
     return int(value * scale)
 
 
-def _add(left, right):
-    if isinstance(left, int) and isinstance(right, int):
-        return left + right
-    if isinstance(left, list) and isinstance(right, list) and len(left) == len(right):
-        return [_add(a, b) for a, b in zip(left, right)]
-    raise ValueError("SMPC payloads differ in shape")
+def _structure(value):
+    """The nesting of a payload (flat lists: their length), to compare payloads' shapes."""
+    if isinstance(value, list):
+        if all(isinstance(item, int) for item in value):
+            return len(value)
+        return tuple(_structure(item) for item in value)
+    return None
 
 
 def _from_fixed(value, scale):
@@ -43,9 +45,11 @@ def _from_fixed(value, scale):
     return value / scale
 
 
-# Shares live modulo this prime (the Mersenne prime 2^127 - 1): far above any fixed-point sum
-# the app sends (< 2^63), so the signed sum is recovered exactly.
-PRIME = 2 ** 127 - 1
+# Shares live in the integers modulo 2^64 (additive sharing over a ring, as in Google's
+# SecAgg): every share is uniform whatever the value, and the signed sum (|sum| < 2^63, which
+# the apps' fixed-point exponents guarantee) is recovered exactly. numpy's uint64 arithmetic
+# wraps modulo 2^64 by itself.
+MODULUS = 2 ** 64
 
 
 def _flat(value):
@@ -64,44 +68,43 @@ def _shaped(values, like):
 
 
 def make_shares(fixed, n_shares):
-    """Additive secret shares of the integers `fixed` modulo PRIME: n_shares - 1 uniformly random
-    vectors and one that completes the sum. Any n_shares - 1 of them are uniformly random,
-    whatever the values: one share alone says nothing about them."""
-    shares = [_random_vector(len(fixed)) for _ in range(n_shares - 1)]
-    last = list(fixed)
+    """Additive secret shares (uint64 arrays) of the integers `fixed` modulo 2^64: n_shares - 1
+    uniformly random vectors and one that completes the sum. Any n_shares - 1 of them are
+    uniformly random, whatever the values: one share alone says nothing about them."""
+    try:
+        values = np.array(fixed, dtype=np.int64).view(np.uint64)
+    except OverflowError:
+        raise ValueError("an SMPC value is beyond the 64-bit fixed-point range") from None
+    shares = [_random_vector(len(values)) for _ in range(n_shares - 1)]
+    last = values.copy()
     for share in shares:
-        last = [value - random_value for value, random_value in zip(last, share)]
-    return shares + [[value % PRIME for value in last]]
+        last -= share
+    return shares + [last]
 
 
 def _random_vector(n):
-    """n integers uniform in [0, PRIME) from the OS's CSPRNG (16 bytes each; the reduction's
-    bias is 2^-127)."""
-    data = os.urandom(16 * n)
-    return [int.from_bytes(data[i:i + 16], "little") % PRIME for i in range(0, 16 * n, 16)]
+    """n integers uniform in [0, 2^64) from the OS's CSPRNG."""
+    return np.frombuffer(os.urandom(8 * n), dtype=np.uint64).copy()
 
 
 def smpc_sum(payloads, exponent, shares_out=None):
     """Element-wise sum of JSON payloads in fixed point with `exponent` decimal digits, as the
     controller computes it: each site's numbers become fixed-point integers and are split into
-    one additive share per site (modulo PRIME); share-holder j sums the j-th shares of every
+    one additive share per site (modulo 2^64); share-holder j sums the j-th shares of every
     site; the share-holders' sums combined give the sum, and only the sum is decoded.
     `shares_out`, a list, receives every site's shares (tests look at them)."""
     scale = 10 ** int(exponent)
-    documents = [json.loads(payload) for payload in payloads]
-    fixed = [_to_fixed(document, scale) for document in documents]
-    reduce(_add, fixed)  # the shapes must agree (ValueError otherwise)
+    fixed = [_to_fixed(json.loads(payload), scale) for payload in payloads]
+    if len({_structure(values) for values in fixed}) != 1:
+        raise ValueError("SMPC payloads differ in shape")
     n = len(payloads)
-    flat = [list(_flat(values)) for values in fixed]
-    site_shares = [make_shares(values, n) for values in flat]
+    site_shares = [make_shares(list(_flat(values)), n) for values in fixed]
     if shares_out is not None:
-        shares_out.extend(site_shares)
+        shares_out.extend([share.tolist() for share in shares] for shares in site_shares)
     # Share-holder j only ever sees the j-th share of each site.
-    holder_sums = [[sum(column) % PRIME for column in zip(*(shares[j] for shares in site_shares))]
-                   for j in range(n)]
-    combined = [sum(column) % PRIME for column in zip(*holder_sums)]  # the only decoded values
-    signed = [value - PRIME if value > PRIME // 2 else value for value in combined]
-    total = _shaped(iter(signed), fixed[0])
+    holder_sums = [sum(shares[j] for shares in site_shares) for j in range(n)]
+    combined = sum(holder_sums).view(np.int64)  # the only decoded values
+    total = _shaped(iter(combined.tolist()), fixed[0])
     return json.dumps(_from_fixed(total, scale)).encode()
 
 

@@ -12,7 +12,7 @@ from federation.secure import (INT64_LIMIT, WEIGHT_BOUND, SecureAggregationError
                                checked_vector, exponent_for)
 from inputs.config import parse_config
 from inputs.errors import InputError
-from testbed.relay import PRIME, smpc_sum
+from testbed.relay import MODULUS, smpc_sum
 from tests.privacy_helpers import make_tiny_federation
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,9 +65,9 @@ def test_secret_shares_look_random_and_combine_to_the_exact_sum():
     assert total == [-2.25] * 2000
     assert len(shares) == 3 and all(len(site) == 3 for site in shares)
     zero_site_shares = shares[0]
-    for share in zero_site_shares:  # shares of zeros: uniform in [0, PRIME), not zero
+    for share in zero_site_shares:  # shares of zeros: uniform in [0, 2^64), not zero
         array = np.array(share, dtype=float)
-        assert 0.4 < array.mean() / PRIME < 0.6
+        assert 0.4 < array.mean() / MODULUS < 0.6
         assert len(set(share)) == len(share)
     # One share of a site says nothing about its values: they differ from the fixed-point ones.
     assert all(share[0] != 125000000 for share in shares[1])
