@@ -1,5 +1,6 @@
 """dp noise: distributed: DP-SGD on the union of the sites' data, one secure sum per step, each
 site adding only its share of the noise (training/privacy.py, federation/secure.py)."""
+import copy
 import json
 import math
 
@@ -153,3 +154,33 @@ def test_a_site_sending_more_than_its_clipped_gradients_stops_the_run(tmp_path, 
     monkeypatch.setattr(SecureSite, "dp_sum", hostile)
     with pytest.raises(UpdateError, match=r"dp_sum_1_3' has norm .* a site sent more than its clipped gradient sum"):
         run_rounds(sites)
+
+
+def test_with_full_batches_and_almost_no_noise_it_is_centralized_dp_sgd(tmp_path):
+    """End to end through the sites, the secure sums and the coordinator: at sampling rate 1
+    (dp.batch_size >= N) and epsilon 1e5 (noise multiplier 0.003), two steps of distributed
+    DP-SGD give the weights of two full-batch steps of clipped SGD with momentum on the union,
+    computed here by hand."""
+    dp = {"epsilon": 1e5, "noise": "distributed", "batch_size": 10_000, "learning_rate": 0.5, "max_grad_norm": 0.1}
+    clients, generic = make_tiny_federation(tmp_path, dp=dp, secure_aggregation=True, max_iter=1, epochs=2,
+                                            validation_fraction=0)
+    sites = load_sites(clients, generic)
+    model = copy.deepcopy(sites[0].local.model)  # the coordinator's initial weights are global_0
+    inputs = torch.cat([site.inputs.train_loader.dataset.tensors[0] for site in sites])
+    labels = torch.cat([site.inputs.train_loader.dataset.tensors[1] for site in sites])
+    run_rounds(sites)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(2):
+        clipped = [torch.zeros_like(p) for p in model.parameters()]
+        for x, y in zip(inputs, labels):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+            norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+            for total, p in zip(clipped, model.parameters()):
+                total += p.grad * min(1.0, 0.1 / (norm + 1e-6))
+        for total, p in zip(clipped, model.parameters()):
+            p.grad = total / len(labels)
+        sgd.step()
+    assert sites[1].local.private.steps == 2
+    for (name, expected), trained in zip(model.named_parameters(), sites[1].local.model.parameters()):
+        torch.testing.assert_close(trained, expected.detach(), atol=2e-4, rtol=1e-3, msg=name)
