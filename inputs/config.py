@@ -447,6 +447,10 @@ def _check_privacy(config, path):
             (config.mu != 0,
              "dp does not combine with mu > 0 (FedProx's proximal gradient would bypass Opacus' "
              "per-sample clipping)"),
+            (config.dp["noise"] == "distributed" and config.aggregation not in ("fedavg", AUTO_AGGREGATION),
+             "dp noise: distributed does not combine with aggregation: " + str(config.aggregation)
+             + " (its DP-SGD steps on the sum are the training; a server rule on top would step a "
+               "second time; use aggregation: fedavg or auto)"),
             (config.dp["noise"] == "distributed" and not config.secure_aggregation,
              "dp noise: distributed needs secure_aggregation: true (each site adds only a share "
              "of the noise, so its gradient sum is private only inside the controller's secure "

@@ -31,6 +31,9 @@ def test_distributed_noise_needs_secure_aggregation():
     with pytest.raises(InputError, match="needs secure_aggregation: true") as error:
         parse_config({**BASE, "dp": DISTRIBUTED}, "config.yml")
     assert error.value.key == "dp" and "config.yml" in str(error.value)
+    with pytest.raises(InputError, match="would step a second time") as error:
+        parse_config({**BASE, "dp": DISTRIBUTED, "secure_aggregation": True, "aggregation": "fedavgm"})
+    assert error.value.key == "dp"
     config = parse_config({**BASE, "dp": DISTRIBUTED, "secure_aggregation": True})
     assert DPSettings.from_config(config.dp).distributed
     assert parse_config({**BASE, "dp": {"epsilon": 4}}).dp["noise"] == "local"
