@@ -226,10 +226,11 @@ def distributed_plan(settings: DPSettings, n_train_total, n_sites, rounds, epoch
 
 
 def gradient_sum_bound(plan: DistributedPlan, max_grad_norm, n_parameters):
-    """A norm that one step's summed noisy gradient exceeds with probability below 1e-12 while
-    every site follows the protocol: the union's Poisson batch (mean q N; + 8 standard
-    deviations) of gradients clipped to C, plus Gaussian noise of sigma C per coordinate (its
-    norm exceeds sigma C (sqrt(d) + t) with probability below exp(-t^2 / 2); t = 8)."""
+    """A norm that one step's summed noisy gradient exceeds with probability below 1e-8 while
+    every site follows the protocol: the union's Poisson batch (mean q N, + 8 standard
+    deviations + 8: by Chernoff's bound exceeded with probability below 1e-8 for any mean) of
+    gradients clipped to C, plus Gaussian noise of sigma C per coordinate (its norm exceeds
+    sigma C (sqrt(d) + t) with probability below exp(-t^2 / 2); t = 8)."""
     batch = plan.expected_batch + 8 * math.sqrt(plan.expected_batch) + 8
     noise = plan.noise_multiplier * max_grad_norm * (math.sqrt(n_parameters) + 8)
     return max_grad_norm * batch + noise
