@@ -141,6 +141,11 @@ def unflatten(vector, schema):
     return tensors
 
 
+def _length(schema):
+    """How many numbers the flat vector of `schema`'s tensors holds."""
+    return sum(math.prod(shape) for _, (shape, _) in schema)
+
+
 def _parameter_schema(site):
     """The trainable parameters in model order: what a DP-SGD gradient sum holds."""
     return [(name, (tuple(parameter.shape), torch.float32))
@@ -306,7 +311,7 @@ class SecureCoordinator:
         if settings is not None and settings.distributed:
             self.dp_plan = distributed_plan(settings, self.totals["n_train"], self.n_sites, config.max_iter,
                                             config.epochs)
-            self.noisy_descent = NoisyGradientDescent(settings.learning_rate, self.dp_plan.expected_batch)
+            self.noisy_descent = NoisyGradientDescent(settings, self.dp_plan.expected_batch)
         message = self.coordinator.site.local_message(n_train_total=self.totals["n_train"])
         return self.codec.encode_model(message)
 
@@ -314,7 +319,7 @@ class SecureCoordinator:
         """The next global model from the sum of (n_i/N) * updates: the weighted average; the
         rule steps from the previous global as without secure aggregation."""
         schema = _schema(self.codec)
-        size = sum(math.prod(shape) for _, (shape, _) in schema)
+        size = _length(schema)
         vector = update_sum.values(size + 2)
         averaged = ModelMessage.split(unflatten(vector[:size], schema))
         self.coordinator._update_meta = [{"n_train": self.totals["n_train"], "train_loss": float(vector[size]),
@@ -334,7 +339,7 @@ class SecureCoordinator:
             self.noisy_descent.reset()
         self._dp_round = round_number
         schema = _parameter_schema(site)
-        summed = gradient_sum.values(sum(math.prod(shape) for _, (shape, _) in schema))
+        summed = gradient_sum.values(_length(schema))
         self._check_gradient_sum(summed, gradient_sum.memo)
         gradient = unflatten(summed, schema)
         current = ModelMessage.split(self.codec.last_global)

@@ -117,8 +117,11 @@ def fixed_point_sum(payloads, exponent):
     fixed = [np.asarray(json.loads(payload), dtype=np.float64) for payload in payloads]
     if len({array.shape for array in fixed}) != 1 or fixed[0].ndim != 1:
         raise ValueError("SMPC payloads differ in shape (or are not flat lists)")
+    scaled = [array * scale for array in fixed]
+    if not all(np.isfinite(array).all() and (np.abs(array) < 2 ** 63).all() for array in scaled):
+        raise ValueError("an SMPC value is not finite or beyond the 64-bit fixed-point range")
     # int(value * scale) truncates toward zero, as astype does; the bound keeps sums < 2^63.
-    total = sum(np.trunc(array * scale).astype(np.int64) for array in fixed)
+    total = sum(np.trunc(array).astype(np.int64) for array in scaled)
     return json.dumps([value / scale for value in total.tolist()]).encode()
 
 
@@ -224,7 +227,7 @@ class Relay:
         try:
             total = smpc_sum([pending[index] for index in sorted(pending)],
                              smpc.get("exponent", 8))
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, OverflowError) as error:  # OverflowError: int(inf)
             raise SiteFailure(sender, f"SMPC payloads for memo {memo!r} cannot be summed: "
                                       f"{error}") from error
         # The aggregate comes from no single site; it is posted in the coordinator's name.

@@ -86,7 +86,7 @@ def test_the_coordinators_step_is_sgd_with_momentum_on_the_mean():
     weights = {"a": torch.randn(3, 2), "b": torch.randn(4), "buffer": torch.ones(2)}
     reference = {name: tensor.clone().requires_grad_() for name, tensor in weights.items() if name != "buffer"}
     sgd = torch.optim.SGD(list(reference.values()), lr=0.05, momentum=0.9)
-    descent = NoisyGradientDescent(0.05, expected_batch=32)
+    descent = NoisyGradientDescent(DPSettings(1.0, 1e-5, 1.0, 32, 0.05, "distributed"), expected_batch=32)
     for _ in range(4):
         sums = {name: torch.randn_like(tensor) * 32 for name, tensor in reference.items()}
         weights = descent.step(weights, sums)
@@ -106,6 +106,10 @@ def test_the_fast_fixed_point_sum_is_the_controllers_sum():
         assert json.loads(fixed_point_sum(payloads, exponent)) == json.loads(smpc_sum(payloads, exponent))
     with pytest.raises(ValueError, match="differ in shape"):
         fixed_point_sum([b"[1, 2]", b"[1]"], 5)
+    with pytest.raises(ValueError, match="not finite or beyond"):
+        fixed_point_sum([b"[1, Infinity]", b"[1, 2]"], 5)
+    with pytest.raises(ValueError, match="not finite or beyond"):
+        fixed_point_sum([b"[1e15, 2]", b"[1, 2]"], 5)
 
 
 def test_a_federation_trains_on_noisy_sums_and_every_site_ends_identical(tmp_path):

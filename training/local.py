@@ -65,7 +65,7 @@ class LocalTraining:
         for the whole run so that the accountant sees every step."""
         with self.on_device() as device:
             if self.private is None:
-                self.private = PrivateTraining(self.model, dp_optimizer(self.model, self.dp),
+                self.private = PrivateTraining(self.model, dp_optimizer(self.model.parameters(), self.dp),
                                                self.train_loader, self.dp, self.total_epochs or self.epochs)
             elif not self.keep_optimizer_state:
                 self.private.reset_optimizer_state()

@@ -61,11 +61,11 @@ class DPSettings:
         return self.noise == "distributed"
 
 
-def dp_optimizer(model, settings: DPSettings):
+def dp_optimizer(parameters, settings: DPSettings):
     """DP-SGD's optimizer: SGD with momentum 0.9. Not Adam: under DP, Adam's second moment
     is dominated by the noise, so its step shrinks as the noise grows; a small site, which
     carries more noise than the union would, then barely moves in a federated round."""
-    return torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
+    return torch.optim.SGD(parameters, lr=settings.learning_rate, momentum=0.9)
 
 
 def unsupported_layers(model):
@@ -334,25 +334,28 @@ class DistributedDPSGD:
 
 
 class NoisyGradientDescent:
-    """The coordinator's half: SGD with momentum 0.9 (dp_optimizer's, as centralized DP-SGD
-    steps) on the summed noisy gradient divided by the expected batch."""
-    MOMENTUM = 0.9
+    """The coordinator's half: dp_optimizer (SGD with momentum, as centralized DP-SGD steps) on
+    the summed noisy gradient divided by the expected batch. It steps its own copy of the
+    trainable parameters, loaded from the current global model before every step."""
 
-    def __init__(self, learning_rate, expected_batch):
-        self.learning_rate, self.expected_batch = learning_rate, expected_batch
-        self.velocity = {}
+    def __init__(self, settings: DPSettings, expected_batch):
+        self.settings, self.expected_batch = settings, expected_batch
+        self.parameters = None  # name -> the tensor the optimizer steps (made at the first step)
+        self.optimizer = None
 
     def reset(self):
-        self.velocity = {}
+        """A fresh momentum (keep_optimizer_state: false)."""
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
 
+    @torch.no_grad()
     def step(self, weights, gradient_sum):
-        """`weights` (by name, float32) after one step; names without a gradient stay."""
-        stepped = dict(weights)
-        for name, summed in gradient_sum.items():
-            gradient = (summed / self.expected_batch).to(weights[name].dtype)
-            velocity = self.velocity.get(name)
-            # torch.optim.SGD's momentum (dampening 0): v = momentum * v + g; w = w - lr * v
-            velocity = gradient.clone() if velocity is None else velocity.mul_(self.MOMENTUM).add_(gradient)
-            self.velocity[name] = velocity
-            stepped[name] = weights[name] - self.learning_rate * velocity
-        return stepped
+        """`weights` (by name) after one step; names without a gradient stay."""
+        if self.parameters is None:
+            self.parameters = {name: weights[name].clone() for name in gradient_sum}
+            self.optimizer = dp_optimizer(list(self.parameters.values()), self.settings)
+        for name, parameter in self.parameters.items():
+            parameter.copy_(weights[name])
+            parameter.grad = (gradient_sum[name] / self.expected_batch).to(parameter.dtype)
+        self.optimizer.step()
+        return {**weights, **{name: parameter.clone() for name, parameter in self.parameters.items()}}
