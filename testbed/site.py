@@ -188,6 +188,15 @@ class Site:
         except ProcessLookupError:
             pass
 
+    def group_alive(self):
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # the group id was reused by another user's process
+            return False
+        return True
+
     def log_tail(self, lines=LOG_TAIL_LINES):
         try:
             text = self.log_path.read_text(errors="replace")
@@ -324,3 +333,16 @@ def stop_sites(sites):
         except subprocess.TimeoutExpired:
             site.signal_group(signal.SIGKILL)
             site.process.wait(timeout=STOP_GRACE_S)
+        _wait_for_group_exit(site, give_up)
+
+
+def _wait_for_group_exit(site, give_up):
+    # The leader's exit is not the site's: a process it spawned may still hold the group (and
+    # an inherited listening socket); stopped means no process of the group is left. Bounded:
+    # an unreaped zombie still counts as a member.
+    killed = False
+    while site.group_alive() and time.monotonic() < give_up + STOP_GRACE_S:
+        if not killed and time.monotonic() > give_up:
+            site.signal_group(signal.SIGKILL)
+            killed = True
+        time.sleep(0.02)
