@@ -57,6 +57,8 @@ VARIANTS = {
     "fedavgm-0.6-10x1": {"aggregation": "fedavgm", "server_momentum": 0.6, "max_iter": 10, "epochs": 1},
     "fresh-adam-10x1": {"aggregation": "fedavg", "keep_optimizer_state": False, "max_iter": 10, "epochs": 1},
     "scaffold-10x1": {"aggregation": "scaffold", "max_iter": 10, "epochs": 1},
+    "fedavg-20x0.5": {"aggregation": "fedavg", "max_iter": 20, "epochs": 0.5},
+    "scaffold-20x0.5": {"aggregation": "scaffold", "max_iter": 20, "epochs": 0.5},
     # The local learning rate around the default 0.005 (README, "Why learning_rate: 0.005").
     **{f"{rule}-lr{rate}": {"aggregation": rule, "learning_rate": rate}
        for rule in ("fedavg", "scaffold") for rate in (0.002, 0.01)},
@@ -257,7 +259,7 @@ def main(argv=None):
     parser.add_argument("--communications", default="float32")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, help="max_iter of every run (default: the sample's)")
-    parser.add_argument("--epochs", type=int, help="epochs per round of every run (default: the sample's)")
+    parser.add_argument("--epochs", type=float, help="epochs per round of every run, 0.5: half a pass (default: the sample's)")
     parser.add_argument("--batch-size", type=int, help="batch_size of every run (default: the sample's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--estimate", action="store_true", help="time one run, estimate the grid, stop")

@@ -41,7 +41,7 @@ class AppConfig:
     # Adam's; 0.002 with quant_type: qat (see _default_learning_rate). Why: README,
     # "Federated training quality".
     learning_rate: float = 0.005
-    epochs: int = 1
+    epochs: float = 1  # per round; below 1 a slice of an epoch (training.epochs)
     max_iter: int = 5
     backend: str = "x86"
     quant_type: str = "post_static"
@@ -134,7 +134,9 @@ _RULES = {
     "test_dataset": ((str,), lambda v: 0 < len(v) <= _FILE_NAME_CHARS, "the name of a .pth file in the input dir"),
     "batch_size": _POSITIVE_INT,
     "learning_rate": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0"),
-    "epochs": _POSITIVE_INT,
+    "epochs": ((int, float), lambda v: 0 < v < float("inf"),
+               "a number > 0 (passes over the train data per round; 0.5: half a pass, the next "
+               "round the other half)"),
     "max_iter": _POSITIVE_INT,
     "backend": ((str,), lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     "quant_type": ((str,), lambda v: v in QUANT_TYPES, f"one of {', '.join(QUANT_TYPES)}"),

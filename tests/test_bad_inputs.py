@@ -77,7 +77,7 @@ CASES = {
     "config missing": (remove("config.yml"), "config.yml", "config file not found"),
     "config syntax": (write("config.yml", "fc_quantization: [oops\n"), "config.yml", "not valid YAML"),
     "required key": (config(model=DELETE), "config.yml", "key 'model': required key is missing"),
-    "wrong type": (config(epochs="two"), "config.yml", "key 'epochs': must be an integer >= 1"),
+    "wrong type": (config(epochs="two"), "config.yml", "key 'epochs': must be a number > 0"),
     "batch_size 0": (config(batch_size=0), "config.yml", "key 'batch_size': must be an integer >= 1, got 0"),
     "negative lr": (config(learning_rate=-0.1), "config.yml", "key 'learning_rate': must be a number > 0"),
     "epochs 0": (config(epochs=0), "config.yml", "key 'epochs'"),

@@ -35,5 +35,5 @@ def test_accepted_configs_satisfy_the_rules(document):
         config = parse_config(document)
     except InputError:
         return
-    assert config.batch_size >= 1 and config.epochs >= 1 and config.learning_rate > 0
+    assert config.batch_size >= 1 and config.epochs > 0 and config.learning_rate > 0
     assert config.backend in ("fbgemm", "qnnpack", "x86")

@@ -151,3 +151,19 @@ def test_report_shows_the_spent_epsilon():
     section = _privacy_section({"secure_aggregation": False, "dp": dp})
     assert "id='dp'" in section and "2.998" in section and "Not covered" in section
     assert _privacy_section(None) == ""
+
+
+def test_half_epochs_spend_the_budget_over_twice_the_rounds(epsilon=2.0):
+    """epochs: 0.5 under DP: each round takes half of the Poisson loader's steps, and the run's
+    6 rounds x 0.5 epochs are the 3 planned epochs, accounted in full."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    settings = DPSettings(epsilon, 1e-5, 1.0)
+    private = PrivateTraining(model, torch.optim.SGD(model.parameters(), lr=0.05), _tiny_loader(), settings,
+                              total_epochs=3)
+    steps = []
+    for _ in range(6):
+        before = private.steps
+        private.train(train, 0.5, 0.05, "cpu")
+        steps.append(private.steps - before)
+    assert steps == [5] * 6  # 10 steps per epoch (rate 1/10)
+    assert 0.8 * epsilon <= private.epsilon_spent() <= epsilon * 1.001

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from inputs.train_function import call_train_function
+from training.epochs import RoundBatches
 from training.loop import evaluate, make_optimizer
 from training.privacy import DistributedDPSGD, DPSettings, PrivateTraining, dp_optimizer
 from training.scaffold import ControlVariates
@@ -16,7 +17,7 @@ class LocalTraining:
     model: torch.nn.Module       # what the rounds train: the float model, or its QAT version
     train_loader: object
     train_function: object       # the user's train() or training.train
-    epochs: int
+    epochs: float                # passes over train_loader per round; 0.5: half a pass (training.epochs)
     learning_rate: float
     device: str = "cpu"          # where training and float evaluation run
     keep_optimizer_state: bool = True
@@ -25,8 +26,9 @@ class LocalTraining:
     optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
     control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
     dp: DPSettings = None        # sample-level DP-SGD (Opacus) for the whole run (None: off)
-    total_epochs: int = None     # every epoch of the run (rounds x epochs), for DP's accounting
+    total_epochs: float = None   # every epoch of the run (rounds x epochs), for DP's accounting
     private: PrivateTraining | DistributedDPSGD = None
+    round_batches: RoundBatches = None  # where the last round stopped, for epochs below 1
 
     def replace_model(self, model):
         """Train `model` from now on (QAT starts): it has new parameter objects, so a kept
@@ -51,8 +53,11 @@ class LocalTraining:
             if not self.dp.distributed:  # distributed: the round's steps went through the federation
                 self._train_private_round()
             return
+        if self.round_batches is None:
+            self.round_batches = RoundBatches(self.train_loader, self.epochs)
+        loader, epochs = self.round_batches.for_round()
         with self.on_device() as device:
-            call_train_function(self.train_function, self.model, self.train_loader, self.epochs,
+            call_train_function(self.train_function, self.model, loader, epochs,
                                 self.learning_rate, optimizer=self._round_optimizer(), device=device,
                                 **self._fedprox_arguments(), **({"control": control} if control else {}))
         if control is not None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.epochs import RoundBatches
+
 OPACUS_WARNINGS = (
     r".*Secure RNG turned off.*",
     r".*Optimal order is the (largest|smallest) alpha.*",
@@ -127,6 +129,7 @@ class PrivateTraining:
         finally:
             context.__exit__(None, None, None)
         self.sample_rate = 1 / len(loader)  # what Opacus' accountant uses
+        self.round_batches = None
         self.noise_multiplier = float(self.optimizer.noise_multiplier)
 
     def _poisson_loader(self, train_loader, loader_class):
@@ -143,10 +146,14 @@ class PrivateTraining:
         self.optimizer.original_optimizer.state.clear()
 
     def train(self, train_function, epochs, learning_rate, device, **extras):
-        """One round of DP-SGD with the app's train loop."""
+        """One round of DP-SGD with the app's train loop (`epochs` below 1: the next slice of
+        the Poisson loader's stream of epochs, training.epochs)."""
+        if self.round_batches is None:
+            self.round_batches = RoundBatches(self.loader, epochs)
+        loader, epochs = self.round_batches.for_round()
         context = _quiet()
         try:
-            return train_function(self.module, self.loader, epochs, learning_rate,
+            return train_function(self.module, loader, epochs, learning_rate,
                                   optimizer=self.optimizer, device=device, **extras)
         finally:
             context.__exit__(None, None, None)
