@@ -64,3 +64,32 @@ def test_config_accepts_a_fraction_and_refuses_zero():
     assert parse_config({**BASE, "epochs": 0.5}).epochs == 0.5
     with pytest.raises(InputError, match="epochs"):
         parse_config({**BASE, "epochs": 0})
+
+
+
+def test_a_federation_with_half_epochs_trains_every_sample_once_in_two_rounds(tmp_path):
+    """Through the app's Site and Coordinator (bench.simulate): with epochs 0.5 each round's
+    training sees half of a site's batches, and two rounds see each training sample once."""
+    from bench.simulate import load_sites, run_rounds
+    from tests.privacy_helpers import make_tiny_federation
+    from training import train
+
+    clients, generic = make_tiny_federation(tmp_path, epochs=0.5, max_iter=2, validation_fraction=0,
+                                            aggregation="fedavg")
+    sites = load_sites(clients, generic)
+    trained = {index: [] for index in range(len(sites))}
+    for index, site in enumerate(sites):
+        def recording(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu",
+                      _seen=trained[index]):
+            batches = list(train_loader)
+            _seen.append(torch.cat([inputs.flatten(1) for inputs, _ in batches]))
+            return train(model, batches, epochs, learning_rate, optimizer=optimizer, device=device)
+        site.local.train_function = recording
+
+    assert len(run_rounds(sites)["rounds"]) == 2
+    for index, site in enumerate(sites):
+        first, second = trained[index]
+        n_train = site.inputs.train_info.n
+        assert abs(len(first) - n_train / 2) <= site.config.batch_size  # half of the batches
+        both = torch.cat([first, second])
+        assert len(both) == n_train and len(torch.unique(both, dim=0)) == n_train  # each sample once
