@@ -1,7 +1,7 @@
 """One site's local training across rounds: the model it trains, its optimizer, FedProx and
 SCAFFOLD's correction. Plain PyTorch: the federation hands it weights and control variates."""
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,10 @@ class LocalTraining:
     dp: DPSettings = None        # sample-level DP-SGD (Opacus) for the whole run (None: off)
     total_epochs: float = None   # every epoch of the run (rounds x epochs), for DP's accounting
     private: PrivateTraining | DistributedDPSGD = None
-    round_batches: RoundBatches = None  # where the last round stopped, for epochs below 1
+    round_batches: RoundBatches = field(init=False)  # where the last round stopped, for epochs below 1
+
+    def __post_init__(self):
+        self.round_batches = RoundBatches(self.train_loader, self.epochs)
 
     def replace_model(self, model):
         """Train `model` from now on (QAT starts): it has new parameter objects, so a kept
@@ -53,8 +56,6 @@ class LocalTraining:
             if not self.dp.distributed:  # distributed: the round's steps went through the federation
                 self._train_private_round()
             return
-        if self.round_batches is None:
-            self.round_batches = RoundBatches(self.train_loader, self.epochs)
         loader, epochs = self.round_batches.for_round()
         with self.on_device() as device:
             call_train_function(self.train_function, self.model, loader, epochs,
