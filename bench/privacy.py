@@ -1,7 +1,7 @@
 """What privacy costs on the sample: secure aggregation and DP-SGD, federated and centralized.
 
     python -m bench.privacy [--seeds 3] [--epsilons 1,3,8] [--delta 1e-5] [--max-grad-norm 1.0]
-        [--rows plain,secure,dp,distributed] [--out bench/results/privacy.json]
+        [--rows plain,secure,dp,distributed,distributed-all] [--out bench/results/privacy.json]
 
 Rows (the sample's 3 sites and its config.yml: LeNet, batch 32, Adam lr 0.005, 5 rounds x 2
 epochs, post_static x86):
@@ -14,7 +14,9 @@ epochs, post_static x86):
   all, the same 10 epochs at the same epsilon): what DP costs by itself, without federation;
 - `dp-<eps>-distributed`: dp noise: distributed under secure_aggregation (DP-SGD on the union,
   each step one secure sum of the sites' clipped gradient sums, each with its share of the
-  noise): the same mechanism as `central-dp-<eps>`, run federated.
+  noise): the same mechanism as `central-dp-<eps>`, run federated;
+- `dp-<eps>-distributed-all`: the same with dp colluding_sites: all (each site adds the whole
+  noise, so its own contribution is private against every other party, as with local noise).
 
 Each row: federation-wide fp32 and int8 test accuracy (all 1,000 test digits), bytes that
 cross the network per round, wall seconds per round (training included; the machine's load
@@ -76,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--rows", default="plain,secure,dp,distributed")
+    parser.add_argument("--rows", default="plain,secure,dp,distributed,distributed-all")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     wanted = args.rows.split(",")
@@ -94,6 +96,11 @@ def main(argv=None):
         for epsilon in (float(e) for e in args.epsilons.split(",")):
             dp = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm, "noise": "distributed"}
             plans.append((f"dp-{epsilon:g}-distributed", "sites", {"dp": dp, "secure_aggregation": True}))
+    if "distributed-all" in wanted:
+        for epsilon in (float(e) for e in args.epsilons.split(",")):
+            dp = {"epsilon": epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm, "noise": "distributed",
+                  "colluding_sites": "all"}
+            plans.append((f"dp-{epsilon:g}-distributed-all", "sites", {"dp": dp, "secure_aggregation": True}))
     rows = {}
     with tempfile.TemporaryDirectory() as work_dir:
         union = [union_client(work_dir)]
@@ -112,7 +119,7 @@ def main(argv=None):
 
 def format_row(name, row):
     epsilon = "" if row["epsilon_spent"] is None else f"  eps spent {row['epsilon_spent']:.2f}"
-    return (f"{name:16s} fp32 {100 * row['fp32']:6.2f} %  int8 {100 * row['int8']:6.2f} %  "
+    return (f"{name:20s} fp32 {100 * row['fp32']:6.2f} %  int8 {100 * row['int8']:6.2f} %  "
             f"{row['bytes_per_round'] / 1e6:6.2f} MB/round  {row['seconds_per_round']:6.1f} s/round{epsilon}")
 
 

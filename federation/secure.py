@@ -38,8 +38,10 @@ from federation import payload
 from federation.checks import SiteMismatchError, UpdateError
 from federation.messages import ModelMessage, round_memo
 from federation.summary import check_sites_fit
+from inputs.errors import InputError
 from quant import secure_stats
-from training.privacy import NoisyGradientDescent, distributed_plan, gradient_sum_bound
+from training.privacy import (NoisyGradientDescent, PrivacyError, distributed_plan, gradient_sum_bound,
+                              resolve_colluding_sites)
 
 WEIGHT_BOUND = 1e4      # |weight|, |control variate|, |train loss| a site may send
 FIGURE_BOUND = 1e4      # |loss| in test and results figures
@@ -158,12 +160,23 @@ def _plain_size(values):
 
 # ---- one site's side ------------------------------------------------------------------------
 
+def _check_colluding_sites(site, n_sites):
+    """dp.colluding_sites against the federation's size, at start (config.yml cannot know it)."""
+    settings = site.local.dp
+    if settings is not None and settings.distributed:
+        try:
+            resolve_colluding_sites(settings.colluding_sites, n_sites)
+        except PrivacyError as error:
+            raise InputError(site.inputs.config_file, str(error), key="dp") from None
+
+
 class SecureSite:
     """What a Site sends under secure aggregation, and the totals it needs (from `global_0`)."""
 
     def __init__(self, site, n_sites):
         self.site = site
         self.n_sites = n_sites
+        _check_colluding_sites(site, n_sites)
         self.n_train_total = None
         self.grid = None
         self.dp_plan = None  # dp.noise distributed: the steps every site takes alike

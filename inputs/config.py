@@ -172,7 +172,8 @@ _RULES = {
     "secure_aggregation": ((bool,), lambda v: True, "true or false"),
     "dp": ((dict, type(None)), lambda v: v is None or _dp_problem(v) is None,
            "null, or {epsilon: number > 0, delta: number in (0, 1), max_grad_norm: number > 0, "
-           "batch_size: whole number >= 1, learning_rate: number > 0, noise: local or distributed}"),
+           "batch_size: whole number >= 1, learning_rate: number > 0, noise: local or distributed, "
+           "colluding_sites: whole number >= 0 or all}"),
     "validation_fraction": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no validation split)"),
     "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
     "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
@@ -377,9 +378,11 @@ def _default_keep(section, path):
 # batch_size and learning_rate are DP-SGD's own (SGD with momentum, expected Poisson batch);
 # why these values: docs/privacy.md, "Choosing the DP defaults".
 # noise: "local" (every site's DP-SGD private by itself) or "distributed" (noise shared out,
-# only the secure sum private): docs/privacy.md, "Distributed noise".
-DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05, "noise": "local"}
-_DP_KEYS = ("epsilon", "delta", "max_grad_norm", "batch_size", "learning_rate", "noise")
+# only the secure sum private): docs/privacy.md, "Distributed noise"; colluding_sites: against
+# how many colluding sites the distributed noise holds (docs/privacy.md, "Colluding sites").
+DP_DEFAULTS = {"delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05, "noise": "local",
+               "colluding_sites": 0}
+_DP_KEYS = ("epsilon", "delta", "max_grad_norm", "batch_size", "learning_rate", "noise", "colluding_sites")
 DP_NOISE = ("local", "distributed")
 
 
@@ -405,6 +408,9 @@ def _dp_problem(dp):
         return "learning_rate must be a number > 0"
     if dp["noise"] not in DP_NOISE:
         return f"noise must be one of {', '.join(DP_NOISE)}"
+    colluding = dp["colluding_sites"]
+    if colluding != "all" and (isinstance(colluding, bool) or not isinstance(colluding, int) or colluding < 0):
+        return "colluding_sites must be a whole number >= 0 or all"
     return None
 
 
@@ -453,6 +459,9 @@ def _check_privacy(config, path):
              "dp noise: distributed does not combine with aggregation: " + str(config.aggregation)
              + " (its DP-SGD steps on the sum are the training; a server rule on top would step a "
                "second time; use aggregation: fedavg or auto)"),
+            (config.dp["noise"] == "local" and config.dp["colluding_sites"] != 0,
+             "dp colluding_sites applies to noise: distributed only (with noise: local every "
+             "site's DP-SGD is private by itself, against the coordinator and every other site)"),
             (config.dp["noise"] == "distributed" and not config.secure_aggregation,
              "dp noise: distributed needs secure_aggregation: true (each site adds only a share "
              "of the noise, so its gradient sum is private only inside the controller's secure "

@@ -20,7 +20,7 @@ from tests.e2e_helpers import assert_identical, int8_tensors
 from tests.privacy_helpers import SIZES, make_tiny_federation
 from training import make_loader
 from training.privacy import (DistributedDPSGD, DistributedPlan, DPSettings, NoisyGradientDescent,
-                              distributed_plan, rdp_epsilon)
+                              PrivacyError, distributed_plan, rdp_epsilon)
 
 pytestmark = pytest.mark.timeout(120)
 BASE = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
@@ -37,7 +37,7 @@ def test_distributed_noise_needs_secure_aggregation():
     config = parse_config({**BASE, "dp": DISTRIBUTED, "secure_aggregation": True})
     assert DPSettings.from_config(config.dp).distributed
     assert parse_config({**BASE, "dp": {"epsilon": 4}}).dp["noise"] == "local"
-    with pytest.raises(InputError, match="noise: local or distributed}, got"):
+    with pytest.raises(InputError, match="noise: local or distributed, colluding_sites: whole number >= 0 or all}, got"):
         parse_config({**BASE, "dp": {"epsilon": 4, "noise": "central"}, "secure_aggregation": True})
 
 
@@ -191,3 +191,73 @@ def test_with_full_batches_and_almost_no_noise_it_is_centralized_dp_sgd(tmp_path
     assert sites[1].local.private.steps == 2
     for (name, expected), trained in zip(model.named_parameters(), sites[1].local.model.parameters()):
         torch.testing.assert_close(trained, expected.detach(), atol=2e-4, rtol=1e-3, msg=name)
+
+
+# ---- dp.colluding_sites ------------------------------------------------------------------------
+
+def test_colluding_sites_is_checked_in_config_yml():
+    secure = {**BASE, "secure_aggregation": True}
+    for value in (0, 2, "all"):
+        assert parse_config({**secure, "dp": {**DISTRIBUTED, "colluding_sites": value}}).dp["colluding_sites"] == value
+    assert parse_config({**secure, "dp": DISTRIBUTED}).dp["colluding_sites"] == 0
+    for value in (-1, 1.5, True, "some"):
+        with pytest.raises(InputError, match="colluding_sites: whole number >= 0 or all") as error:
+            parse_config({**secure, "dp": {**DISTRIBUTED, "colluding_sites": value}}, "config.yml")
+        assert error.value.key == "dp"
+    with pytest.raises(InputError, match="applies to noise: distributed only") as error:
+        parse_config({**BASE, "dp": {"epsilon": 4, "colluding_sites": "all"}}, "config.yml")
+    assert error.value.key == "dp" and "config.yml" in str(error.value)
+
+
+def test_colluding_sites_raise_each_share_so_that_the_honest_ones_make_up_sigma():
+    base = DPSettings(3.0, 1e-5, 1.0, batch_size=128, learning_rate=0.05, noise="distributed")
+    plain = distributed_plan(base, n_train_total=3600, n_sites=3, rounds=5, epochs=2)
+    one = distributed_plan(DPSettings(**{**base.__dict__, "colluding_sites": 1}), 3600, 3, 5, 2)
+    every = distributed_plan(DPSettings(**{**base.__dict__, "colluding_sites": "all"}), 3600, 3, 5, 2)
+    # The same sigma (the same schedule and budget); the shares grow.
+    assert one.noise_multiplier == every.noise_multiplier == plain.noise_multiplier
+    assert plain.sum_multiplier == pytest.approx(plain.noise_multiplier)
+    assert one.share_multiplier == pytest.approx(plain.noise_multiplier / math.sqrt(2))
+    assert every.colluding_sites == 2 and every.share_multiplier == pytest.approx(plain.noise_multiplier)
+    assert every.sum_multiplier == pytest.approx(plain.noise_multiplier * math.sqrt(3))
+    # Two honest shares of `one` make up sigma: the budget holds against the coordinator and
+    # one colluding site; with "all", one site's own share does.
+    spent = rdp_epsilon(plain.noise_multiplier, plain.sample_rate, plain.total_steps, 1e-5)
+    assert rdp_epsilon(one.share_multiplier * math.sqrt(2), one.sample_rate, one.total_steps, 1e-5) == \
+        pytest.approx(spent)
+    assert rdp_epsilon(every.share_multiplier, every.sample_rate, every.total_steps, 1e-5) == pytest.approx(spent)
+    with pytest.raises(PrivacyError, match="colluding_sites 3 must be below the number of sites, 3"):
+        distributed_plan(DPSettings(**{**base.__dict__, "colluding_sites": 3}), 3600, 3, 5, 2)
+
+
+def test_a_site_refuses_more_colluding_sites_than_the_federation_has(tmp_path):
+    dp = {**DISTRIBUTED, "colluding_sites": 3}
+    clients, generic = make_tiny_federation(tmp_path, dp=dp, secure_aggregation=True, max_iter=1)
+    site = load_sites(clients[:1], generic)[0]
+    with pytest.raises(InputError, match="colluding_sites 3 must be below the number of sites, 3") as error:
+        SecureSite(site, n_sites=3)
+    assert error.value.key == "dp" and error.value.file.endswith("config.yml")
+    SecureSite(site, n_sites=4)  # one honest site left: allowed
+
+
+def test_with_every_site_colluding_each_share_is_private_by_itself(tmp_path):
+    """colluding_sites: all: every contribution carries the whole sigma, the sum sqrt(3) x it;
+    the honest sums pass the coordinator's bound, and the report says what holds."""
+    dp = {"epsilon": 8, "noise": "distributed", "batch_size": 32, "learning_rate": 0.5, "colluding_sites": "all"}
+    clients, generic = make_tiny_federation(tmp_path, dp=dp, secure_aggregation=True, max_iter=2, epochs=1,
+                                            validation_fraction=0)
+    sites = load_sites(clients, generic)
+    run_rounds(sites)
+    figures = quantize_sites(sites)
+    for site in sites:
+        report = site.dp_report
+        assert report["colluding_sites"] == 2
+        assert report["noise_multiplier_own_share"] == pytest.approx(report["noise_multiplier"])
+        assert report["noise_multiplier_sum"] == pytest.approx(report["noise_multiplier"] * math.sqrt(3))
+        assert 0.9 * 8 <= report["epsilon_spent"] <= 8 * 1.001
+        assert report["epsilon_if_peers_collude"] == pytest.approx(report["epsilon_spent"])
+    assert figures["fp32"]["accuracy"] > 0.4  # learnable despite sqrt(3) x the noise (4 classes)
+    from outputs.report import _privacy_section
+    section = _privacy_section({"secure_aggregation": True, "dp": sites[0].dp_report})
+    assert "Colluding sites the guarantee holds against</th><td>2<" in section
+    assert "no more than 2 of them pool" in section

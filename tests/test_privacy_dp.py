@@ -19,7 +19,7 @@ BASE = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
 def test_dp_settings_and_defaults():
     config = parse_config({**BASE, "dp": {"epsilon": 3}})
     assert config.dp == {"epsilon": 3, "delta": 1e-5, "max_grad_norm": 1.0, "batch_size": 128, "learning_rate": 0.05,
-                         "noise": "local"}
+                         "noise": "local", "colluding_sites": 0}
     settings = DPSettings.from_config(parse_config({**BASE, "dp": {"epsilon": 3, "batch_size": 64}}).dp)
     assert (settings.batch_size, settings.learning_rate) == (64, 0.05)
     assert parse_config(dict(BASE)).dp is None

@@ -50,13 +50,17 @@ class DPSettings:
     # "local": each site's DP-SGD is private by itself (PrivateTraining); "distributed": the
     # noise is split across the sites and only their secure sum is private (DistributedDPSGD).
     noise: str = "local"
+    # distributed: how many other sites may pool what they know with the coordinator while the
+    # guarantee still holds (a number, or "all": every other site).
+    colluding_sites: int | str = 0
 
     @classmethod
     def from_config(cls, dp):
         if dp is None:
             return None
         return cls(float(dp["epsilon"]), float(dp["delta"]), float(dp["max_grad_norm"]),
-                   int(dp["batch_size"]), float(dp["learning_rate"]), dp.get("noise", "local"))
+                   int(dp["batch_size"]), float(dp["learning_rate"]), dp.get("noise", "local"),
+                   dp.get("colluding_sites", 0))
 
     @property
     def distributed(self):
@@ -197,6 +201,13 @@ class PrivateTraining:
 # union's batch plus noise of standard deviation sigma * C: exactly centralized DP-SGD's step,
 # so the accountant is centralized DP-SGD's (sigma, q, steps). The coordinator divides by the
 # expected batch and takes the SGD (momentum) step: post-processing.
+#
+# dp.colluding_sites t: if t other sites pool their own noise with the coordinator, they can
+# subtract it from the sum, and only the honest sites' shares are left. So each site adds
+# sigma * C / sqrt(n_sites - t): any n_sites - t of them still make up sigma * C, and the guarantee
+# (epsilon, delta) holds against the coordinator and any t sites together. t = n_sites - 1
+# ("all"): every site adds the whole sigma * C, so its own contribution is private by itself
+# (each site samples its records at rate q too); the sum carries sqrt(n_sites) x that noise.
 
 @dataclass(frozen=True)
 class DistributedPlan:
@@ -205,13 +216,32 @@ class DistributedPlan:
     expected_batch: float     # q * N: what the summed gradient is divided by
     steps_per_round: int      # epochs per round / q
     total_steps: int
-    noise_multiplier: float   # sigma of the summed noise (the accountant's)
+    noise_multiplier: float   # sigma: the noise the guarantee rests on (the accountant's)
     n_sites: int
+    colluding_sites: int = 0  # t: the guarantee holds against the coordinator and any t sites
 
     @property
     def share_multiplier(self):
-        """The noise multiplier each site adds: n_sites shares of variance sigma^2 / n_sites."""
-        return self.noise_multiplier / math.sqrt(self.n_sites)
+        """The noise multiplier each site adds: variance sigma^2 / (n_sites - t), so that any
+        n_sites - t honest sites' shares make up sigma."""
+        return self.noise_multiplier / math.sqrt(self.n_sites - self.colluding_sites)
+
+    @property
+    def sum_multiplier(self):
+        """The noise multiplier of the sum of all shares: sigma, or more when t > 0."""
+        return self.share_multiplier * math.sqrt(self.n_sites)
+
+
+def resolve_colluding_sites(colluding_sites, n_sites):
+    """dp.colluding_sites as a number of sites: "all" is every other site; one more than that
+    would leave no honest site whose noise the guarantee could rest on."""
+    if colluding_sites == "all":
+        return n_sites - 1
+    if colluding_sites >= n_sites:
+        raise PrivacyError(f"colluding_sites {colluding_sites} must be below the number of sites, "
+                           f"{n_sites} (the guarantee rests on the noise of the sites that do not collude; "
+                           f"'all' is every other site: {n_sites - 1})")
+    return colluding_sites
 
 
 @functools.lru_cache(maxsize=8)  # the coordinator needs it twice (as a site, to step); seconds each
@@ -219,6 +249,7 @@ def distributed_plan(settings: DPSettings, n_train_total, n_sites, rounds, epoch
     """q = dp.batch_size / N; epochs / q steps per round; sigma for (epsilon, delta) over all."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    colluding_sites = resolve_colluding_sites(settings.colluding_sites, n_sites)
     sample_rate = min(1.0, settings.batch_size / n_train_total)
     steps_per_round = max(1, round(epochs / sample_rate))
     total_steps = rounds * steps_per_round
@@ -229,17 +260,17 @@ def distributed_plan(settings: DPSettings, n_train_total, n_sites, rounds, epoch
     finally:
         context.__exit__(None, None, None)
     return DistributedPlan(sample_rate, sample_rate * n_train_total, steps_per_round, total_steps,
-                           float(sigma), n_sites)
+                           float(sigma), n_sites, colluding_sites)
 
 
 def gradient_sum_bound(plan: DistributedPlan, max_grad_norm, n_parameters):
     """A norm that one step's summed noisy gradient exceeds with probability below 1e-8 while
     every site follows the protocol: the union's Poisson batch (mean q N, + 8 standard
     deviations + 8: by Chernoff's bound exceeded with probability below 1e-8 for any mean) of
-    gradients clipped to C, plus Gaussian noise of sigma C per coordinate (its norm exceeds
-    sigma C (sqrt(d) + t) with probability below exp(-t^2 / 2); t = 8)."""
+    gradients clipped to C, plus the shares' Gaussian noise of s C per coordinate (s: the sum's
+    multiplier; its norm exceeds s C (sqrt(d) + t) with probability below exp(-t^2 / 2); t = 8)."""
     batch = plan.expected_batch + 8 * math.sqrt(plan.expected_batch) + 8
-    noise = plan.noise_multiplier * max_grad_norm * (math.sqrt(n_parameters) + 8)
+    noise = plan.sum_multiplier * max_grad_norm * (math.sqrt(n_parameters) + 8)
     return max_grad_norm * batch + noise
 
 
@@ -315,11 +346,13 @@ class DistributedDPSGD:
         return gradient
 
     def epsilon_spent(self):
+        """The guarantee against the coordinator with up to colluding_sites other sites."""
         return rdp_epsilon(self.plan.noise_multiplier, self.plan.sample_rate, self.steps, self.settings.delta)
 
     def epsilon_if_peers_collude(self):
         """What this site's own noise share guarantees alone: if every other site and the
-        coordinator pooled what they know, only this share would be left."""
+        coordinator pooled what they know, only this share would be left (with colluding_sites
+        "all": the budget itself)."""
         return rdp_epsilon(self.plan.share_multiplier, self.plan.sample_rate, self.steps, self.settings.delta)
 
     def close(self):
@@ -334,6 +367,7 @@ class DistributedDPSGD:
         return {"noise": "distributed", "epsilon_target": self.settings.epsilon, "delta": self.settings.delta,
                 "max_grad_norm": self.settings.max_grad_norm, "noise_multiplier": self.plan.noise_multiplier,
                 "noise_multiplier_own_share": self.plan.share_multiplier, "n_sites": self.plan.n_sites,
+                "colluding_sites": self.plan.colluding_sites, "noise_multiplier_sum": self.plan.sum_multiplier,
                 "sample_rate": self.plan.sample_rate, "steps": self.steps,
                 "epochs_planned": self.plan.total_steps * self.plan.sample_rate,
                 "epsilon_spent": self.epsilon_spent(),
