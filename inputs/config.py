@@ -488,7 +488,10 @@ def _check_value(key, value, path):
     # bool is an int in Python; `batch_size: true` is a mistake, not 1.
     wrong_bool = isinstance(value, bool) and bool not in types
     if wrong_bool or not isinstance(value, types) or not check(value):
-        raise InputError(path, f"must be {demand}, got {shorten(value)}", key=key)
+        # dp is a mapping of its own: say which of its keys is wrong first.
+        problem = _dp_problem(value) if key == "dp" and isinstance(value, dict) else None
+        detail = f" ({problem})" if problem else ""
+        raise InputError(path, f"must be {demand}, got {shorten(value)}{detail}", key=key)
     if key in UPPER_BOUNDS and value is not None:
         largest, why = UPPER_BOUNDS[key]
         if value > largest:

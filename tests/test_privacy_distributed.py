@@ -201,7 +201,7 @@ def test_colluding_sites_is_checked_in_config_yml():
         assert parse_config({**secure, "dp": {**DISTRIBUTED, "colluding_sites": value}}).dp["colluding_sites"] == value
     assert parse_config({**secure, "dp": DISTRIBUTED}).dp["colluding_sites"] == 0
     for value in (-1, 1.5, True, "some"):
-        with pytest.raises(InputError, match="colluding_sites: whole number >= 0 or all") as error:
+        with pytest.raises(InputError, match=r"colluding_sites must be a whole number >= 0 or all\)$") as error:
             parse_config({**secure, "dp": {**DISTRIBUTED, "colluding_sites": value}}, "config.yml")
         assert error.value.key == "dp"
     with pytest.raises(InputError, match="applies to noise: distributed only") as error:
