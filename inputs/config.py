@@ -463,9 +463,10 @@ def _check_privacy(config, path):
              "dp colluding_sites applies to noise: distributed only (with noise: local every "
              "site's DP-SGD is private by itself, against the coordinator and every other site)"),
             (config.dp["noise"] == "distributed" and not config.secure_aggregation,
-             "dp noise: distributed needs secure_aggregation: true (each site adds only a share "
-             "of the noise, so its gradient sum is private only inside the controller's secure "
-             "sum; without it the coordinator would see every site's barely noised gradients)"),
+             "dp noise: distributed needs secure_aggregation: true (its DP-SGD steps are secure "
+             "sums; unless colluding_sites is all, each site adds only a share of the noise, so "
+             "its gradient sum is private only inside the controller's secure sum; without it the "
+             "coordinator would see every site's barely noised gradients)"),
         )
         for refused, why in refusals:
             if refused:
