@@ -303,18 +303,17 @@ def _privacy_section(privacy):
                 ("Sampling rate, steps", f"{dp['sample_rate']:.4f}, {dp['steps']}")]
         distributed = dp.get("noise") == "distributed"
         if distributed:
-            colluding = dp.get("colluding_sites", 0)
             rows += [("Noise", f"distributed: this site's share {dp['noise_multiplier_own_share']:.3f} "
                                f"of {dp['n_sites']} sites' shares"),
-                     ("Colluding sites the guarantee holds against", f"{colluding}"),
+                     ("Colluding sites the guarantee holds against", f"{dp['colluding_sites']}"),
                      ("Epsilon if every other site and the coordinator collude",
                       f"{dp['epsilon_if_peers_collude']:.3f}")]
         body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"
                        for name, value in rows)
         how = ("DP-SGD on the union of the sites' data, each step a secure sum of the sites' clipped "
                "gradient sums, each with its share of the noise: the guarantee holds for the sum the "
-               f"coordinator sees, as long as the other sites add their shares and no more than "
-               f"{dp.get('colluding_sites', 0)} of them pool what they know with the coordinator"
+               "coordinator sees, as long as the other sites add their shares and no more than "
+               f"{dp['colluding_sites']} of them pool what they know with the coordinator"
                if distributed else "DP-SGD, Opacus")
         parts += [f"<table class='summary' id='dp'>{body}</table>",
                   f"<p class='caption'>Sample-level differential privacy ({how}) for this "
