@@ -134,6 +134,12 @@ def contextlib_redirect():
 def pt2_bytes(program) -> bytes:
     buffer = io.BytesIO()
     program.example_inputs = None  # the file runs without them, and they would differ by site
+    # nn_module_stack names each layer's class by the module it was imported as, and a user's
+    # model file is imported under a name numbered per process (inputs.model_file): two sites
+    # run in one process would write different files. The program runs without it (only
+    # torch.export.unflatten reads it).
+    for node in program.graph.nodes:
+        node.meta.pop("nn_module_stack", None)
     with _pt2e.quiet():
         torch.export.save(program, buffer)
     return with_digest_serialization_id(buffer.getvalue(), ARTIFACT_FILES["pt2"])

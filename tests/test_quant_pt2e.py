@@ -196,6 +196,23 @@ def test_two_sites_write_byte_identical_files(artifacts):
         assert quant.sha256_of(first[kind]) == hashlib.sha256(second[kind].read_bytes()).hexdigest()
 
 
+def test_files_do_not_depend_on_the_name_the_model_file_was_imported_as(artifacts, federation, lenet, sample,
+                                                                         tmp_path):
+    """A site imports the user's model file under a module name numbered per process
+    (inputs.model_file); two sites in one process (bench.simulate) get different names, and
+    the .pt2 once carried it (layer metadata), so their digests differed."""
+    from inputs.model_file import load_model
+
+    twin = load_model(MNIST_MODEL)
+    assert type(twin).__module__ != type(lenet).__module__
+    twin.load_state_dict(lenet.state_dict())
+    prepared = quant.prepare_ptq(twin.eval(), _example(sample), "xnnpack")
+    quant.load_observer_stats(prepared, federation["merged"])
+    files = quant.write_artifacts(quant.convert(prepared), _example(sample), tmp_path, "xnnpack")
+    for kind, path in files.items():
+        assert path.read_bytes() == artifacts[0][kind].read_bytes(), kind
+
+
 def test_each_file_in_its_runtime_agrees_with_the_reference_int8_model(artifacts, federation, lenet, sample):
     inputs, labels = sample["test"]
     with torch.no_grad():
