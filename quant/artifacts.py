@@ -38,8 +38,12 @@ ARTIFACT_FILES = {"pte": "model_int8.pte", "onnx": "model_int8.onnx", "pt2": "mo
 TORCHSCRIPT_FILE = "model_int8.pt"
 # ExecuTorch plans the input and output memory for the largest batch it will be given
 MAX_BATCH = 1024
-# node metadata that depends on where and by which process the model was written
-_VOLATILE_META = ("stack_trace", "source_fn_stack", "from_node", "seq_nr")
+# node metadata that depends on where and by which process the model was written.
+# nn_module_stack names each layer's class by the module it was imported as, and a user's model
+# file is imported under a name numbered per process (inputs.model_file): two sites run in one
+# process wrote different .pt2 files. Nothing here reads it (the .pte and .onnx bytes are the
+# same without it); only torch.export.unflatten would.
+_VOLATILE_META = ("stack_trace", "source_fn_stack", "from_node", "seq_nr", "nn_module_stack")
 
 
 # --- writing --------------------------------------------------------------------------
@@ -134,12 +138,6 @@ def contextlib_redirect():
 def pt2_bytes(program) -> bytes:
     buffer = io.BytesIO()
     program.example_inputs = None  # the file runs without them, and they would differ by site
-    # nn_module_stack names each layer's class by the module it was imported as, and a user's
-    # model file is imported under a name numbered per process (inputs.model_file): two sites
-    # run in one process would write different files. The program runs without it (only
-    # torch.export.unflatten reads it).
-    for node in program.graph.nodes:
-        node.meta.pop("nn_module_stack", None)
     with _pt2e.quiet():
         torch.export.save(program, buffer)
     return with_digest_serialization_id(buffer.getvalue(), ARTIFACT_FILES["pt2"])
