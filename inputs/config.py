@@ -18,7 +18,7 @@ from federation.robust import ROBUST_AGGREGATIONS
 from federation.rules import AGGREGATIONS
 from federation.selection import KEEPS
 from inputs.errors import InputError
-from quant import BACKENDS, PT2E_BACKENDS, QUANT_TYPES
+from quant import BACKENDS, QUANT_TYPES
 
 CONFIG_FILE = "config.yml"
 APP_KEY = "fc_quantization"
@@ -428,11 +428,6 @@ def _check_privacy(config, path):
                            "maximum, which a sum cannot give without revealing each site's "
                            "extremes; use quant_type: post_static, calibrated from summed "
                            "histograms)"),
-            "backend": (config.backend in PT2E_BACKENDS,
-                        f"secure_aggregation: true does not combine with backend: {config.backend} (its "
-                        "PT2E graph observes the weights with min/max observers beside the "
-                        "activations' histograms, and the secure calibration sums histograms only; "
-                        "use backend: x86, fbgemm or qnnpack, or secure_aggregation: false)"),
             # robust_aggregation belongs to another part of the app; whatever it is, a rule that
             # looks at single updates cannot work on their sum.
             "robust_aggregation": (getattr(config, "robust_aggregation", None) not in (None, "none"),

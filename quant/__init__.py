@@ -8,7 +8,8 @@ measure_artifact runs each in its own runtime.
 Post-training static quantization: prepare_ptq -> calibrate -> convert.
 Quantization-aware training:       prepare_qat -> train (forward_quant) -> freeze_qat -> convert;
                                    to_float_model gives the trained float weights in the user's class.
-Across sites: observer_stats -> merge_observer_stats -> load_observer_stats before convert;
+Across sites: observer_stats -> merge_observer_stats -> load_observer_stats before convert
+(weight_observer_paths: the observers that see only weights, the same at every site);
 float_state / load_float_state carry what federated averaging averages.
 Int8Recipe: these steps for one model across a federated run (post_static or qat).
 """
@@ -23,7 +24,8 @@ from .recipe import Int8Recipe, merge_calibration
 from .results import latency_ms, save_torchscript, state_dict_size_bytes
 from .run import calibrate, forward_quant, freeze_qat
 from .timing import measurement_slot
-from .stats import float_state, load_float_state, load_observer_stats, merge_observer_stats, observer_stats
+from .stats import (float_state, load_float_state, load_observer_stats, merge_observer_stats, observer_stats,
+                    weight_observer_paths)
 
 __all__ = [
     "BACKENDS",
@@ -55,5 +57,6 @@ __all__ = [
     "sha256_of",
     "state_dict_size_bytes",
     "to_float_model",
+    "weight_observer_paths",
     "write_artifacts",
 ]

@@ -53,17 +53,19 @@ class Int8Recipe:
             load_observer_stats(self.prepared, stats)
 
     def calibrate(self, model, batches, num_batches):
-        """post_static: observe `model` on this site's batches; QAT: the ranges are merged
-        already (no statistics)."""
+        """post_static: observe `model` on this site's batches; the statistics of its data
+        (weight observers' stay here: every site holds the same weights, so they are the same
+        everywhere and carry nothing to merge). QAT: the ranges are merged already (none)."""
         if self.is_qat:
             return {}
         self.prepared = prepare_ptq(model, self.example_inputs, self.backend)
         calibrate(self.prepared, batches, num_batches)
-        return observer_stats(self.prepared)
+        return observer_stats(self.prepared, include_weights=False)
 
     def convert(self, merged_stats, model):
         """The int8 model from the federation's statistics; `model`: the user's float model."""
-        self.load_observer_stats(merged_stats)
+        if not self.is_qat:
+            load_observer_stats(self.prepared, merged_stats, include_weights=False)
         set_engine(self.backend)
         self.int8_model = convert(self.prepared)
         self.float_model = to_float_model(self.prepared, model) if self.is_qat else model

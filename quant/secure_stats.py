@@ -18,7 +18,9 @@ by FeatureCloud's SMPC):
    (HistogramObserver: 2048), which is what the exact merge produces from exact extremes.
 
 Only histogram observers (min_val, max_val, histogram) can be merged this way; an observer
-that keeps only a range is refused: a minimum or maximum is not a sum.
+of the data that keeps only a range is refused: a minimum or maximum is not a sum. Weight
+observers (PT2E's per-channel min/max) are not in the statistics at all: they see only the
+global weights, the same at every site (`Int8Recipe.calibrate`).
 """
 import math
 from collections import defaultdict

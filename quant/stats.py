@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import _ao, _pt2e
 from .errors import QuantizationError
@@ -34,10 +34,33 @@ def _observers(model: nn.Module):
     return {path: m for path, m in model.named_modules() if isinstance(m, observer_classes)}
 
 
-def observer_stats(prepared: nn.Module) -> dict:
-    """Every observer's min_val / max_val (per tensor or per channel) and histogram."""
+def weight_observer_paths(prepared: nn.Module) -> set:
+    """Observers whose input depends on no model input (a weight, or ops on weights alone, as
+    PT2E's per-channel weight observers): what they record is a function of the weights only, the
+    same at every site that holds the same model. Eager-mode models observe weights at convert."""
+    if not isinstance(prepared, fx.GraphModule):
+        return set()
+    path_of = {id(module): path for path, module in _observers(prepared).items()}
+    on_data, data_observers, called = set(), set(), set()
+    for node in prepared.graph.nodes:  # topological order
+        if node.op == "placeholder" or any(arg in on_data for arg in node.all_input_nodes):
+            on_data.add(node)
+        if node.op == "call_module" and id(prepared.get_submodule(node.target)) in path_of:
+            path = path_of[id(prepared.get_submodule(node.target))]
+            called.add(path)
+            if node in on_data:  # a shared observer is a data observer if any of its inputs is
+                data_observers.add(path)
+    return called - data_observers
+
+
+def observer_stats(prepared: nn.Module, include_weights: bool = True) -> dict:
+    """Every observer's min_val / max_val (per tensor or per channel) and histogram; without the
+    weight observers' (`weight_observer_paths`) when include_weights is false."""
     stats = {}
+    skipped = set() if include_weights else weight_observer_paths(prepared)
     for path, observer in _observers(prepared).items():
+        if path in skipped:
+            continue
         for name in _STAT_NAMES:
             value = getattr(observer, name, None)
             if isinstance(value, torch.Tensor):
@@ -134,9 +157,10 @@ def _assign_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, value.detach().to(device=current.device, dtype=current.dtype).clone())
 
 
-def load_observer_stats(prepared: nn.Module, stats: dict) -> None:
-    """Write statistics into the observers and refresh fake-quant scale / zero_point."""
-    expected = set(observer_stats(prepared))
+def load_observer_stats(prepared: nn.Module, stats: dict, include_weights: bool = True) -> None:
+    """Write statistics into the observers and refresh fake-quant scale / zero_point; `stats`
+    holds the weight observers' too unless include_weights is false (they keep their own)."""
+    expected = set(observer_stats(prepared, include_weights))
     if set(stats) != expected:
         missing, unexpected = sorted(expected - set(stats)), sorted(set(stats) - expected)
         raise QuantizationError(

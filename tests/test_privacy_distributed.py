@@ -27,14 +27,6 @@ BASE = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
 DISTRIBUTED = {"epsilon": 4, "noise": "distributed", "batch_size": 64}
 
 
-def test_secure_aggregation_refuses_the_pt2e_backend_at_start():
-    """Its weight observers keep only a range; refused in config.yml, not after training."""
-    with pytest.raises(InputError, match="does not combine with backend: xnnpack") as error:
-        parse_config({**BASE, "secure_aggregation": True, "backend": "xnnpack"}, "config.yml")
-    assert error.value.key == "secure_aggregation" and "config.yml" in str(error.value)
-    assert parse_config({**BASE, "backend": "xnnpack"}).backend == "xnnpack"
-
-
 def test_distributed_noise_needs_secure_aggregation():
     with pytest.raises(InputError, match="needs secure_aggregation: true") as error:
         parse_config({**BASE, "dp": DISTRIBUTED}, "config.yml")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import quant
+from quant import secure_stats
 from tests.e2e_helpers import REPO, SAMPLE_CLIENTS, load_user_model
 
 MNIST_MODEL = REPO / "data" / "sample" / "generic" / "mnist_model.py"
@@ -152,6 +153,43 @@ def test_sites_with_the_same_merged_statistics_hold_bit_identical_int8_models(fe
     for other in models[1:]:
         assert_identical(first, int8_values(other))
     assert all(quant.mode_of(site) == "pt2e" for site in federation["sites"])
+
+
+def test_weight_observers_are_those_that_see_no_input(lenet, sample):
+    """PT2E observes weights in the graph (per channel, min/max): their statistics are functions
+    of the weights alone; FX and eager observe weights only at convert."""
+    prepared = quant.prepare_ptq(lenet, _example(sample), "xnnpack")
+    weight_observers = quant.weight_observer_paths(prepared)
+    observers = {path: module for path, module in prepared.named_modules() if "activation_post_process" in path}
+    assert len(weight_observers) == 5  # conv1, conv2, fc1, fc2, fc3
+    for path, module in observers.items():
+        assert (path in weight_observers) == (type(module).__name__ == "PerChannelMinMaxObserver"), path
+    data_stats = quant.observer_stats(prepared, include_weights=False)
+    assert data_stats and all(key.rpartition(".")[0] not in weight_observers for key in data_stats)
+    folded = quant.prepare_ptq(BnNet().eval(), _example(sample), "xnnpack")  # BatchNorm folded into conv
+    assert len(quant.weight_observer_paths(folded)) == 2
+    assert quant.weight_observer_paths(quant.prepare_ptq(lenet, _example(sample), "x86")) == set()
+
+
+def test_calibration_from_secure_sums_gives_the_exact_merges_int8_model(lenet, sample, federation):
+    """secure_aggregation with xnnpack: only the activations' histograms are summed."""
+    sites = _prepared_at_sites(lenet, sample)
+    site_stats = [quant.observer_stats(site, include_weights=False) for site in sites]
+    paths = list(secure_stats.histogram_observers(site_stats[0]))
+    grid = secure_stats.grid_from_counts(sum(secure_stats.magnitude_counts(s) for s in site_stats), paths)
+    summed = sum(secure_stats.histograms_on_grid(s, grid) for s in site_stats)
+    merged = secure_stats.stats_from_summed_histograms(summed, grid, site_stats[0])
+    for site in sites:
+        quant.load_observer_stats(site, merged, include_weights=False)
+    int8_models = [quant.convert(site) for site in sites]
+    for other in int8_models[1:]:
+        assert_identical(int8_values(int8_models[0]), int8_values(other))
+    inputs, labels = sample["test"]
+    with torch.no_grad():
+        secure = quant.forward_quant(int8_models[0], inputs).argmax(dim=1)
+        exact = quant.forward_quant(federation["int8"][0], inputs).argmax(dim=1)
+    assert (secure == exact).float().mean().item() >= 0.99
+    assert abs(_accuracy(int8_models[0], inputs, labels) - _accuracy(federation["int8"][0], inputs, labels)) <= 0.003
 
 
 def test_int8_accuracy_close_to_fp32_and_four_times_smaller(lenet, sample, federation):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import quant
 from bench.simulate import load_sites, quantize_sites, run_rounds
 from federation.messages import ModelMessage
 from federation.secure import (INT64_LIMIT, WEIGHT_BOUND, SecureAggregationError, SecureSite,
@@ -113,3 +114,22 @@ def test_secure_run_matches_the_plain_run(tmp_path):
     assert secure["fp32"]["accuracy"] == pytest.approx(plain["fp32"]["accuracy"], abs=1e-4)
     assert abs(secure["int8"]["accuracy"] - plain["int8"]["accuracy"]) <= 1 / 144 + 1e-6  # one test sample
     assert (secure["n_sites"], secure["n_train"], secure["n_test"]) == (3, 259, 144)
+
+
+@pytest.mark.timeout(300)
+def test_the_pt2e_backend_calibrates_from_sums_and_every_site_writes_the_same_files(tmp_path):
+    """backend: xnnpack: its per-channel weight observers keep only a range, but they see only the
+    global weights (the same at every site), so they stay at each site; the activations'
+    histograms are summed as with x86."""
+    clients, generic = make_tiny_federation(tmp_path)
+    sites = load_sites(clients, generic, {"secure_aggregation": True, "backend": "xnnpack"})
+    run_rounds(sites)
+    figures = quantize_sites(sites)
+    weight_observers = quant.weight_observer_paths(sites[0].recipe.prepared)
+    assert len(weight_observers) == 3  # conv, fc1, fc2
+    assert not any(key.rpartition(".")[0] in weight_observers for key in sites[0].own_stats)
+    digests = [tuple(artifact["digest"] for artifact in site.artifacts) for site in sites]
+    assert len(digests[0]) == 3 and len(set(digests)) == 1  # .pte, .onnx, .pt2: the same at every site
+    assert figures["n_sites"] == 3 and figures["int8"]["accuracy"] >= figures["fp32"]["accuracy"] - 2 / 144
+    for artifact in figures["artifacts"]:  # each file in its own runtime, over every test set
+        assert artifact["accuracy"] == pytest.approx(figures["int8"]["accuracy"], abs=1 / 144 + 1e-6)
