@@ -1,10 +1,12 @@
 """What privacy costs on the sample: secure aggregation and DP-SGD, federated and centralized.
 
     python -m bench.privacy [--seeds 3] [--epsilons 1,3,8] [--delta 1e-5] [--max-grad-norm 1.0]
-        [--rows plain,secure,dp,distributed,distributed-all] [--out bench/results/privacy.json]
+        [--rows plain,secure,dp,distributed,distributed-all] [--backend xnnpack]
+        [--out bench/results/privacy.json]
 
 Rows (the sample's 3 sites and its config.yml: LeNet, batch 32, Adam lr 0.005, 5 rounds x 2
-epochs, post_static x86):
+epochs, post_static x86; `--backend xnnpack`: every row with the PT2E backend, its int8
+files run in their own runtimes):
 - `plain`: the app as it is; `secure`: secure_aggregation: true (every summed message through
   the controller's fixed-point SMPC, simulated here with testbed.relay.fixed_point_sum:
   smpc_sum's result without making the shares);
@@ -79,6 +81,7 @@ def main(argv=None):
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--rows", default="plain,secure,dp,distributed,distributed-all")
+    parser.add_argument("--backend", default="x86", help="every row's backend (the sample's: x86)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     wanted = args.rows.split(",")
@@ -108,11 +111,11 @@ def main(argv=None):
             runs = []
             for seed in range(args.seeds):
                 client_dirs = union if clients == "union" else SAMPLE_CLIENTS
-                runs.append(run_one(client_dirs, {**overrides, "seed": 42 + seed}))
+                runs.append(run_one(client_dirs, {**overrides, "backend": args.backend, "seed": 42 + seed}))
             rows[name] = {**mean_row(runs), "seeds": args.seeds}
             print(format_row(name, rows[name]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)  # after every row: partial runs count
-            args.out.write_text(json.dumps({"rows": rows, "delta": args.delta,
+            args.out.write_text(json.dumps({"rows": rows, "backend": args.backend, "delta": args.delta,
                                             "max_grad_norm": args.max_grad_norm}, indent=2))
     print(f"written to {args.out}")
 
