@@ -50,6 +50,9 @@ class AppConfig:
     model_kwargs: dict = field(default_factory=dict)
     seed: int = 42
     calibration_batches: int = 32
+    # Leave the layer whose output is the model's output (the classifier) in float, so the
+    # logits are not rounded to 8 bits (docs/privacy.md: most of a DP-trained model's int8 error).
+    float_output_layer: bool = False
     train_function: str | None = None
     # Keep each site's optimizer (Adam's moments) across rounds instead of a fresh one per round.
     keep_optimizer_state: bool = True
@@ -144,6 +147,7 @@ _RULES = {
     "model_kwargs": ((dict,), lambda v: all(isinstance(k, str) for k in v), "a mapping of argument names to values"),
     "seed": ((int,), lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
     "calibration_batches": _POSITIVE_INT,
+    "float_output_layer": ((bool,), lambda v: True, "true or false"),
     "train_function": ((str, type(None)), lambda v: v is None or v.endswith(".py"), "the name of a .py file in the input dir"),
     "keep_optimizer_state": ((bool,), lambda v: True, "true or false"),
     "qat_warmup_rounds": ((int,), lambda v: v >= 0, "an integer >= 0"),

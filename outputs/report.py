@@ -99,7 +99,8 @@ def _summary_section(metrics):
         ("Site", f"{_site_id(metrics)} ({role})"),
         ("Quantization", f"{metrics.get('quant_type', MISSING)} "
                          f"({metrics.get('quantization_mode', MISSING)} mode, "
-                         f"{metrics.get('backend', MISSING)} backend)"),
+                         f"{metrics.get('backend', MISSING)} backend"
+                         + "".join(f"; {name} in float" for name in metrics.get("float_layers") or []) + ")"),
         ("This site's samples", f"{_count(metrics.get('n_train'))} train, "
                                 f"{_count(metrics.get('n_test'))} test"),
         ("Federation", f"{_count(federation.get('n_sites'))} sites, "

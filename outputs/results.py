@@ -27,16 +27,18 @@ def write_results(output_dir, config_file, float_model, metrics, predictions):
 
 
 def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation, privacy=None,
-                  selection=None, aggregation=None):
+                  selection=None, aggregation=None, float_layers=()):
     """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config
     (its aggregation the resolved rule; `aggregation`: {rule, requested, reason}, how it was
     chosen, inputs.config.resolve_aggregation) (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget;
-    `selection`: which round's model was written and why, federation.selection.selection_report)."""
+    `selection`: which round's model was written and why, federation.selection.selection_report;
+    `float_layers`: the layers the int8 model keeps in float)."""
     metrics = {
         "site": site_info,
         "backend": config.backend,
         "quant_type": config.quant_type,
         "quantization_mode": quantization_mode,
+        "float_layers": list(float_layers),
         "n_train": results["n_train"],
         "n_test": results["n_test"],
         "n_validation": results.get("n_validation", 0),

@@ -66,6 +66,7 @@ def pt2e():
     quantize = _import("torchao.quantization.pt2e.quantize_pt2e")
     package = _import("torchao.quantization.pt2e")
     xnnpack = _import("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
+    quantizer_utils = _import("torchao.quantization.pt2e.quantizer")
     return types.SimpleNamespace(
         prepare_pt2e=quantize.prepare_pt2e,
         prepare_qat_pt2e=quantize.prepare_qat_pt2e,
@@ -75,6 +76,7 @@ def pt2e():
         FakeQuantizeBase=package.FakeQuantizeBase,
         XNNPACKQuantizer=xnnpack.XNNPACKQuantizer,
         get_symmetric_quantization_config=xnnpack.get_symmetric_quantization_config,
+        get_module_name_filter=quantizer_utils.get_module_name_filter,
     )
 
 

@@ -19,6 +19,33 @@ from .errors import QuantizationError
 from .float_model import float_names_by_storage, prepared_to_float_names
 
 
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def output_layer(model: nn.Module, example_inputs: tuple) -> str:
+    """The name of the Linear or Conv layer whose output is the model's output (a classifier's
+    last layer), found by running the model once on the example inputs."""
+    outputs = []
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name: outputs.append((name, output)))
+             for name, module in model.named_modules() if isinstance(module, _LAYER_TYPES)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            result = model(*_check_example_inputs(example_inputs, "output_layer"))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    for name, output in reversed(outputs):
+        if output is result:
+            return name
+    raise QuantizationError(
+        f"float_output_layer: the output of {type(model).__name__} is not the output of a Linear or "
+        "Conv layer (something is computed after the last one, e.g. a softmax or a reshape); "
+        "return the last layer's output, or set float_output_layer: false")
+
+
 def _check_example_inputs(example_inputs, operation: str) -> tuple:
     if not isinstance(example_inputs, tuple) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise QuantizationError(
@@ -42,7 +69,14 @@ def _to_example_device(model: nn.Module, example_inputs: tuple) -> tuple:
     return tuple(x.to(device) for x in example_inputs)
 
 
-def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
+def _fx_qconfig_mapping(backend, qat: bool, float_layers: tuple):
+    mapping = _ao.get_default_qat_qconfig_mapping(backend) if qat else _ao.get_default_qconfig_mapping(backend)
+    for name in float_layers:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def _prepare(model: nn.Module, example_inputs, backend, qat: bool, float_layers: tuple) -> nn.Module:
     operation = "prepare_qat" if qat else "prepare_ptq"
     set_engine(backend)
     cpu_examples = _check_example_inputs(example_inputs, operation)
@@ -51,7 +85,7 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
     names_by_storage = float_names_by_storage(model)  # preparation keeps these tensor objects
     if backend in PT2E_BACKENDS:
         prepared = pt2e.prepare(model, cpu_examples, backend, qat,
-                                lambda prepared: prepared_to_float_names(prepared, names_by_storage))
+                                lambda prepared: prepared_to_float_names(prepared, names_by_storage), float_layers)
         if qat:
             observe_only_in_training(prepared)
         return prepared
@@ -59,16 +93,18 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
     if trace_failure is None:
         mode = "fx"
         examples = _to_example_device(model, cpu_examples)
+        mapping = _fx_qconfig_mapping(backend, qat, float_layers)
         try:
-            if qat:
-                prepared = _ao.prepare_qat_fx(model, _ao.get_default_qat_qconfig_mapping(backend), examples)
-            else:
-                prepared = _ao.prepare_fx(model, _ao.get_default_qconfig_mapping(backend), examples)
+            prepared = (_ao.prepare_qat_fx if qat else _ao.prepare_fx)(model, mapping, examples)
         except Exception as error:
             raise QuantizationError(
                 f"{operation}: FX graph mode could not prepare {type(model).__name__}: {error}"
             ) from error
     else:
+        if float_layers:  # the eager wrapper quantizes from its input stub to its output stub
+            raise QuantizationError(
+                f"{operation}: float layers {list(float_layers)} need a model that torch.fx can trace "
+                f"or backend xnnpack; torch.fx cannot trace {type(model).__name__}: {trace_failure}")
         mode = "eager"
         prepared = prepare_eager(model, cpu_examples, backend, qat)
     prepared.train(qat)
@@ -80,11 +116,13 @@ def _prepare(model: nn.Module, example_inputs, backend, qat: bool) -> nn.Module:
     return prepared
 
 
-def prepare_ptq(model: nn.Module, example_inputs: tuple, backend) -> nn.Module:
-    """A copy of `model` in eval mode with observers (backend's default qconfig)."""
-    return _prepare(model, example_inputs, backend, qat=False)
+def prepare_ptq(model: nn.Module, example_inputs: tuple, backend, float_layers: tuple = ()) -> nn.Module:
+    """A copy of `model` in eval mode with observers (backend's default qconfig); the modules
+    named in `float_layers` stay in float."""
+    return _prepare(model, example_inputs, backend, qat=False, float_layers=tuple(float_layers))
 
 
-def prepare_qat(model: nn.Module, example_inputs: tuple, backend) -> nn.Module:
-    """A copy of `model` in train mode with fake quantization (backend's default QAT qconfig)."""
-    return _prepare(model, example_inputs, backend, qat=True)
+def prepare_qat(model: nn.Module, example_inputs: tuple, backend, float_layers: tuple = ()) -> nn.Module:
+    """A copy of `model` in train mode with fake quantization (backend's default QAT qconfig);
+    the modules named in `float_layers` stay in float."""
+    return _prepare(model, example_inputs, backend, qat=True, float_layers=tuple(float_layers))

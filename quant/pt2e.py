@@ -116,14 +116,21 @@ def export(model: nn.Module, example_inputs: tuple, operation: str):
 WEIGHT_QUANT_MIN, WEIGHT_QUANT_MAX = -63, 63
 
 
-def quantizer(qat: bool):
+def quantizer(qat: bool, float_layers: tuple = ()):
     lib = _pt2e.pt2e()
     config = lib.get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=WEIGHT_QUANT_MIN,
                                                    weight_qmax=WEIGHT_QUANT_MAX)
-    return lib.XNNPACKQuantizer().set_global(config)
+    xnnpack_quantizer = lib.XNNPACKQuantizer().set_global(config)
+    if float_layers:
+        # set_module_name(name, None) is "not supported yet" in the XNNPACKQuantizer; its filter
+        # function leaves every op of those modules unannotated, i.e. in float.
+        in_float_layer = [lib.get_module_name_filter(name) for name in float_layers]
+        xnnpack_quantizer.set_filter_function(lambda node: not any(test(node) for test in in_float_layer))
+    return xnnpack_quantizer
 
 
-def prepare(model: nn.Module, example_inputs: tuple, backend: str, qat: bool, float_names_of) -> nn.Module:
+def prepare(model: nn.Module, example_inputs: tuple, backend: str, qat: bool, float_names_of,
+            float_layers: tuple = ()) -> nn.Module:
     """`model` (a copy, in train mode for QAT, else eval) exported and prepared."""
     operation = "prepare_qat" if qat else "prepare_ptq"
     exported = export(model, example_inputs, operation).module()
@@ -131,9 +138,9 @@ def prepare(model: nn.Module, example_inputs: tuple, backend: str, qat: bool, fl
     try:
         with _pt2e.quiet(), _pt2e.fast_conv_bn_patterns():
             if qat:
-                prepared = lib.prepare_qat_pt2e(exported, quantizer(qat=True))
+                prepared = lib.prepare_qat_pt2e(exported, quantizer(True, float_layers))
             else:
-                prepared = lib.prepare_pt2e(exported, quantizer(qat=False))
+                prepared = lib.prepare_pt2e(exported, quantizer(False, float_layers))
     except Exception as error:
         raise QuantizationError(
             f"{operation}: PT2E could not prepare {type(model).__name__}: {type(error).__name__}: {error}"

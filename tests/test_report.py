@@ -246,3 +246,11 @@ def test_summary_says_which_rounds_model_was_written_and_why(tmp_path, metrics):
     summary = {row[0]: row[1:] for row in read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED,
                                                                  CONFIG_TEXT)).tables["summary"]}
     assert summary["Model written"] == ["round 2: best validation loss 0.410 at round 2 of 3"]
+
+
+def test_summary_names_the_layers_kept_in_float(tmp_path, metrics):
+    summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
+    assert summary["Quantization"] == ["post_static (fx mode, x86 backend)"]
+    metrics["float_layers"] = ["fc3"]
+    summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
+    assert summary["Quantization"] == ["post_static (fx mode, x86 backend; fc3 in float)"]

@@ -1,0 +1,91 @@
+"""float_output_layer: the layer whose output is the model's output stays in float, so the
+logits are not rounded to 8 bits (FX and PT2E), and the federation still ends with one model."""
+import pytest
+import torch
+from torch import nn
+
+import quant
+from bench.simulate import load_sites, quantize_sites, run_rounds
+from inputs.config import parse_config
+from inputs.errors import InputError
+from tests.privacy_helpers import make_tiny_federation
+from tests.test_quant_models import BranchingNet, LeNet, image_batches
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class SoftmaxNet(LeNet):
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=1)
+
+
+def _int8_outputs(backend, float_layers, batches):
+    prepared = quant.prepare_ptq(LeNet().eval(), (batches[0],), backend, float_layers)
+    quant.calibrate(prepared, batches, len(batches))
+    with torch.no_grad():
+        return quant.forward_quant(quant.convert(prepared), torch.cat(batches))
+
+
+def test_the_output_layer_is_the_one_whose_output_the_model_returns():
+    example = (image_batches((1, 28, 28))[0],)
+    assert quant.output_layer(LeNet(), example) == "fc3"
+    model = LeNet().train()
+    quant.output_layer(model, example)
+    assert model.training  # its mode is restored
+    with pytest.raises(quant.QuantizationError, match="float_output_layer.*SoftmaxNet.*not the output of a Linear"):
+        quant.output_layer(SoftmaxNet(), example)
+
+
+@pytest.mark.parametrize("backend", ["x86", "xnnpack"])
+def test_the_float_output_layer_keeps_the_logits_off_the_8_bit_grid(backend):
+    """8-bit logits take at most 256 values; float ones as many as there are logits."""
+    batches = image_batches((1, 28, 28), count=4, batch=32)
+    rounded, kept = _int8_outputs(backend, (), batches), _int8_outputs(backend, ("fc3",), batches)
+    assert len(torch.unique(rounded)) <= 256 < len(torch.unique(kept))
+    # the layers before stay int8: the float-output model is not the fp32 model
+    with torch.no_grad():
+        assert not torch.allclose(kept, LeNet().eval()(torch.cat(batches)))
+
+
+def test_eager_mode_cannot_leave_a_layer_in_float():
+    example = (image_batches((1, 28, 28))[0],)
+    with pytest.raises(quant.QuantizationError, match=r"float layers \['fc'\] need a model that torch.fx can trace"):
+        quant.prepare_ptq(BranchingNet().eval(), example, "x86", ("fc",))
+
+
+def test_config_takes_true_or_false():
+    base = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
+    assert parse_config(base).float_output_layer is False
+    assert parse_config({**base, "float_output_layer": True}).float_output_layer is True
+    with pytest.raises(InputError, match="float_output_layer") as error:
+        parse_config({**base, "float_output_layer": "yes"}, "config.yml")
+    assert error.value.key == "float_output_layer"
+
+
+def test_a_federation_ends_with_the_same_model_its_output_layer_in_float(tmp_path):
+    clients, generic = make_tiny_federation(tmp_path, float_output_layer=True)
+    sites = load_sites(clients, generic)
+    run_rounds(sites)
+    figures = quantize_sites(sites)
+    assert {site.recipe.float_layers for site in sites} == {("fc2",)}
+    assert all(type(site.recipe.int8_model.fc2) is nn.Linear for site in sites)  # FX: a float Linear
+    assert len({tuple(a["digest"] for a in site.artifacts) for site in sites}) == 1
+    assert figures["int8"]["accuracy"] >= figures["fp32"]["accuracy"] - 2 / 144
+
+
+def test_xnnpack_files_keep_the_output_layer_in_float_in_their_runtimes(tmp_path):
+    """.pte (ExecuTorch), .onnx (onnxruntime), .pt2: the float layer survives lowering."""
+    batches = image_batches((1, 28, 28), count=4, batch=32)
+    prepared = quant.prepare_ptq(LeNet().eval(), (batches[0],), "xnnpack", ("fc3",))
+    quant.calibrate(prepared, batches, len(batches))
+    int8_model = quant.convert(prepared)
+    paths = quant.write_artifacts(int8_model, (batches[0],), tmp_path, "xnnpack")
+    inputs = torch.cat(batches)
+    with torch.no_grad():
+        reference = quant.forward_quant(int8_model, inputs)
+    for path in paths.values():
+        outputs = quant.load_artifact(path)(inputs)
+        assert len(torch.unique(outputs)) > 256, path.name
+        # the runtimes' int8 kernels may round an activation one step differently
+        assert torch.allclose(outputs, reference, atol=0.02 * float(reference.abs().max())), path.name
+        assert (outputs.argmax(dim=1) == reference.argmax(dim=1)).float().mean() >= 0.95, path.name
