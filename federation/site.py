@@ -53,7 +53,7 @@ class Site:
                               config.mu, scaffold=config.aggregation == "scaffold",
                               dp=DPSettings.from_config(config.dp), total_epochs=config.max_iter * config.epochs)
         recipe = quant.Int8Recipe(config.quant_type, config.backend, inputs.example_inputs,
-                                  config.qat_schedule(), config.float_output_layer)
+                                  config.qat_schedule(), inputs.float_layers)
         site = cls(inputs, local, recipe, Codec(config.communication))
         site.codec.expect(site.local_message())
         return site

@@ -51,8 +51,9 @@ class AppConfig:
     seed: int = 42
     calibration_batches: int = 32
     # Leave the layer whose output is the model's output (the classifier) in float, so the
-    # logits are not rounded to 8 bits (docs/privacy.md: most of a DP-trained model's int8 error).
-    float_output_layer: bool = False
+    # logits are not rounded to 8 bits (docs/privacy.md: most of a DP-trained model's int8
+    # error). auto: with dp, where the model and backend allow it; true: required.
+    float_output_layer: bool | str = "auto"
     train_function: str | None = None
     # Keep each site's optimizer (Adam's moments) across rounds instead of a fresh one per round.
     keep_optimizer_state: bool = True
@@ -105,6 +106,11 @@ class AppConfig:
     keep: str = "best"
     patience: int = 0
 
+    @property
+    def wants_float_output_layer(self):
+        """float_output_layer true, or auto with dp (measured there: docs/privacy.md)."""
+        return self.float_output_layer is True or (self.float_output_layer == "auto" and self.dp is not None)
+
     def qat_schedule(self):
         """(first QAT round, BatchNorm freeze round, observer freeze round).
 
@@ -147,7 +153,7 @@ _RULES = {
     "model_kwargs": ((dict,), lambda v: all(isinstance(k, str) for k in v), "a mapping of argument names to values"),
     "seed": ((int,), lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
     "calibration_batches": _POSITIVE_INT,
-    "float_output_layer": ((bool,), lambda v: True, "true or false"),
+    "float_output_layer": ((bool, str), lambda v: v in (True, False, "auto"), "true, false or auto"),
     "train_function": ((str, type(None)), lambda v: v is None or v.endswith(".py"), "the name of a .py file in the input dir"),
     "keep_optimizer_state": ((bool,), lambda v: True, "true or false"),
     "qat_warmup_rounds": ((int,), lambda v: v >= 0, "an integer >= 0"),

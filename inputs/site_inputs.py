@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+import quant
 from inputs.config import CONFIG_FILE, load_config, resolve_aggregation
 from inputs.datasets import describe_dataset, load_dataset
 from inputs.errors import InputError
@@ -35,6 +36,7 @@ class SiteInputs:
     validation_info: object = None
     # How config.aggregation was chosen: {rule, requested (auto or the rule), reason}.
     aggregation_choice: dict = None
+    float_layers: tuple = ()  # the layers the int8 model keeps in float (float_output_layer)
 
     @property
     def config_file(self):
@@ -83,9 +85,24 @@ def load_site_inputs(input_dir) -> SiteInputs:
                              f"the model in {config.model}: {'; '.join(problems)}. Replace these layers "
                              "(e.g. BatchNorm by GroupNorm, as Opacus' ModuleValidator.fix does) or "
                              "set dp: null", key="dp")
+    float_layers = _float_layers(config, model, next(iter(test_loader))[0][:1], input_dir / CONFIG_FILE)
     return SiteInputs(input_dir, config, model, train_loader, test_loader, train_info, test_info,
                       train_function, resolve_device(config.device, input_dir / CONFIG_FILE), *validation,
-                      aggregation_choice=aggregation_choice)
+                      aggregation_choice=aggregation_choice, float_layers=float_layers)
+
+
+def _float_layers(config, model, example, config_path):
+    """float_output_layer: true needs the output layer (else an error here, at start); auto
+    takes it where the model and backend allow, and quantizes everything where they do not."""
+    if not config.wants_float_output_layer:
+        return ()
+    try:
+        return (quant.float_output_layer(model, (example,), config.backend),)
+    except quant.QuantizationError as error:
+        if config.float_output_layer is True:
+            raise InputError(config_path, f"{error}; or set float_output_layer: false",
+                             key="float_output_layer") from None
+        return ()
 
 
 def _load_train_function(config, input_dir):

@@ -19,7 +19,7 @@ from .convert import convert
 from .engine import BACKENDS, FX_BACKENDS, PT2E_BACKENDS, QUANT_TYPES, mode_of, set_engine
 from .errors import QuantizationError
 from .float_model import to_float_model
-from .prepare import output_layer, prepare_ptq, prepare_qat
+from .prepare import float_output_layer, prepare_ptq, prepare_qat
 from .recipe import Int8Recipe, merge_calibration
 from .results import latency_ms, save_torchscript, state_dict_size_bytes
 from .run import calibrate, forward_quant, freeze_qat
@@ -36,6 +36,7 @@ __all__ = [
     "QuantizationError",
     "calibrate",
     "convert",
+    "float_output_layer",
     "float_state",
     "forward_quant",
     "freeze_qat",
@@ -50,7 +51,6 @@ __all__ = [
     "model_digest",
     "mode_of",
     "observer_stats",
-    "output_layer",
     "prepare_ptq",
     "prepare_qat",
     "save_torchscript",

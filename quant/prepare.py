@@ -22,9 +22,10 @@ from .float_model import float_names_by_storage, prepared_to_float_names
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def output_layer(model: nn.Module, example_inputs: tuple) -> str:
+def float_output_layer(model: nn.Module, example_inputs: tuple, backend: str) -> str:
     """The name of the Linear or Conv layer whose output is the model's output (a classifier's
-    last layer), found by running the model once on the example inputs."""
+    last layer), found by running the model once on the example inputs: the layer
+    `float_layers` can keep in float. QuantizationError where the model or backend cannot."""
     outputs = []
     hooks = [module.register_forward_hook(lambda module, args, output, name=name: outputs.append((name, output)))
              for name, module in model.named_modules() if isinstance(module, _LAYER_TYPES)]
@@ -32,18 +33,21 @@ def output_layer(model: nn.Module, example_inputs: tuple) -> str:
     try:
         model.eval()
         with torch.no_grad():
-            result = model(*_check_example_inputs(example_inputs, "output_layer"))
+            result = model(*_check_example_inputs(example_inputs, "float_output_layer"))
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    for name, output in reversed(outputs):
-        if output is result:
-            return name
-    raise QuantizationError(
-        f"float_output_layer: the output of {type(model).__name__} is not the output of a Linear or "
-        "Conv layer (something is computed after the last one, e.g. a softmax or a reshape); "
-        "return the last layer's output, or set float_output_layer: false")
+    name = next((name for name, output in reversed(outputs) if output is result), None)
+    if name is None:
+        raise QuantizationError(
+            f"float_output_layer: the output of {type(model).__name__} is not the output of a Linear or "
+            "Conv layer (something is computed after the last one, e.g. a softmax or a reshape)")
+    trace_failure = None if backend in PT2E_BACKENDS else _fx_trace_failure(model)
+    if trace_failure is not None:
+        raise QuantizationError(f"float_output_layer: with backend {backend} a layer can stay in float only in "
+                                f"a model torch.fx can trace; it cannot trace {type(model).__name__}: {trace_failure}")
+    return name
 
 
 def _check_example_inputs(example_inputs, operation: str) -> tuple:

@@ -11,7 +11,7 @@ from torch import nn
 from .convert import convert
 from .engine import mode_of, set_engine
 from .float_model import to_float_model
-from .prepare import output_layer, prepare_ptq, prepare_qat
+from .prepare import prepare_ptq, prepare_qat
 from .run import calibrate, freeze_qat
 from .stats import load_observer_stats, merge_observer_stats, observer_stats
 
@@ -22,8 +22,7 @@ class Int8Recipe:
     backend: str
     example_inputs: tuple
     qat_schedule: tuple = (1, 1, 1)  # (first QAT round, BatchNorm freeze round, observer freeze round)
-    float_output_layer: bool = False  # the layer whose output is the model's stays in float
-    float_layers: tuple = ()          # set at preparation: the names of the layers left in float
+    float_layers: tuple = ()  # names of layers left in float (float_output_layer)
     prepared: nn.Module = None       # with observers (PTQ) or fake quantization (QAT)
     int8_model: nn.Module = None
     float_model: nn.Module = None    # set with the int8 model: the final float model
@@ -39,18 +38,12 @@ class Int8Recipe:
             return model
         first, freeze_bn, freeze_observers = self.qat_schedule
         if round_number == first:
-            self.prepared = prepare_qat(model, self.example_inputs, self.backend, self._float_layers(model))
+            self.prepared = prepare_qat(model, self.example_inputs, self.backend, self.float_layers)
         if round_number < first:
             return model
         freeze_qat(self.prepared, observers=round_number >= freeze_observers,
                    batchnorm=round_number >= freeze_bn)
         return self.prepared
-
-    def _float_layers(self, model):
-        """float_output_layer: the logits are not rounded to 8 bits. A model near its decision
-        boundaries (DP-trained) loses most of its int8 error there (docs/privacy.md)."""
-        self.float_layers = (output_layer(model, self.example_inputs),) if self.float_output_layer else ()
-        return self.float_layers
 
     def observer_stats(self):
         """The statistics that travel with the weights: QAT's ranges once QAT has started."""
@@ -66,7 +59,7 @@ class Int8Recipe:
         everywhere and carry nothing to merge). QAT: the ranges are merged already (none)."""
         if self.is_qat:
             return {}
-        self.prepared = prepare_ptq(model, self.example_inputs, self.backend, self._float_layers(model))
+        self.prepared = prepare_ptq(model, self.example_inputs, self.backend, self.float_layers)
         calibrate(self.prepared, batches, num_batches)
         return observer_stats(self.prepared, include_weights=False)
 

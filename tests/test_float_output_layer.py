@@ -28,12 +28,15 @@ def _int8_outputs(backend, float_layers, batches):
 
 def test_the_output_layer_is_the_one_whose_output_the_model_returns():
     example = (image_batches((1, 28, 28))[0],)
-    assert quant.output_layer(LeNet(), example) == "fc3"
+    assert quant.float_output_layer(LeNet(), example, "x86") == "fc3"
+    assert quant.float_output_layer(LeNet(), example, "xnnpack") == "fc3"
     model = LeNet().train()
-    quant.output_layer(model, example)
+    quant.float_output_layer(model, example, "x86")
     assert model.training  # its mode is restored
     with pytest.raises(quant.QuantizationError, match="float_output_layer.*SoftmaxNet.*not the output of a Linear"):
-        quant.output_layer(SoftmaxNet(), example)
+        quant.float_output_layer(SoftmaxNet(), example, "x86")
+    with pytest.raises(quant.QuantizationError, match="only in a model torch.fx can trace.*BranchingNet"):
+        quant.float_output_layer(BranchingNet(), example, "x86")
 
 
 @pytest.mark.parametrize("backend", ["x86", "xnnpack"])
@@ -53,18 +56,37 @@ def test_eager_mode_cannot_leave_a_layer_in_float():
         quant.prepare_ptq(BranchingNet().eval(), example, "x86", ("fc",))
 
 
-def test_config_takes_true_or_false():
+def test_config_takes_true_false_or_auto_which_means_with_dp():
     base = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
-    assert parse_config(base).float_output_layer is False
-    assert parse_config({**base, "float_output_layer": True}).float_output_layer is True
-    with pytest.raises(InputError, match="float_output_layer") as error:
-        parse_config({**base, "float_output_layer": "yes"}, "config.yml")
-    assert error.value.key == "float_output_layer"
+    assert parse_config(base).float_output_layer == "auto"
+    assert not parse_config(base).wants_float_output_layer
+    assert parse_config({**base, "dp": {"epsilon": 3}}).wants_float_output_layer
+    assert not parse_config({**base, "dp": {"epsilon": 3}, "float_output_layer": False}).wants_float_output_layer
+    assert parse_config({**base, "float_output_layer": True}).wants_float_output_layer
+    for bad in ("yes", 1):
+        with pytest.raises(InputError, match="float_output_layer") as error:
+            parse_config({**base, "float_output_layer": bad}, "config.yml")
+        assert error.value.key == "float_output_layer"
+
+
+SOFTMAX_TAIL = "\n\nclass Model(Model):\n    def forward(self, x):\n        return torch.softmax(super().forward(x), 1)\n"
+
+
+def test_a_model_without_an_output_layer_is_refused_at_start_only_when_required(tmp_path):
+    clients, generic = make_tiny_federation(tmp_path)
+    (site,) = load_sites(clients[:1], generic, {"dp": {"epsilon": 3}})  # auto: on with dp
+    assert site.recipe.float_layers == ("fc2",)
+    (generic / "model.py").write_text((generic / "model.py").read_text() + SOFTMAX_TAIL)
+    with pytest.raises(InputError, match="float_output_layer.*not the output of a Linear") as error:
+        load_sites(clients[:1], generic, {"float_output_layer": True})
+    assert error.value.key == "float_output_layer" and "config.yml" in str(error.value)
+    (site,) = load_sites(clients[:1], generic, {"dp": {"epsilon": 3}})  # auto: quantizes everything
+    assert site.recipe.float_layers == ()
 
 
 def test_a_federation_ends_with_the_same_model_its_output_layer_in_float(tmp_path):
-    clients, generic = make_tiny_federation(tmp_path, float_output_layer=True)
-    sites = load_sites(clients, generic)
+    clients, generic = make_tiny_federation(tmp_path)
+    sites = load_sites(clients, generic, {"float_output_layer": True})
     run_rounds(sites)
     figures = quantize_sites(sites)
     assert {site.recipe.float_layers for site in sites} == {("fc2",)}
