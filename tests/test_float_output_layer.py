@@ -111,3 +111,21 @@ def test_xnnpack_files_keep_the_output_layer_in_float_in_their_runtimes(tmp_path
         # the runtimes' int8 kernels may round an activation one step differently
         assert torch.allclose(outputs, reference, atol=0.02 * float(reference.abs().max())), path.name
         assert (outputs.argmax(dim=1) == reference.argmax(dim=1)).float().mean() >= 0.95, path.name
+
+
+def test_qat_trains_the_float_layer_in_float_and_maps_it_back():
+    torch.manual_seed(0)
+    batches = image_batches((1, 28, 28), count=2, batch=16)
+    model = LeNet()
+    prepared = quant.prepare_qat(model, (batches[0],), "x86", ("fc3",))
+    assert type(prepared.fc3) is nn.Linear  # no fake quantization on it
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for batch in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(quant.forward_quant(prepared, batch), torch.arange(16) % 10).backward()
+        optimizer.step()
+    trained = quant.to_float_model(prepared, model)
+    assert torch.equal(trained.fc3.weight, prepared.fc3.weight)
+    with torch.no_grad():
+        outputs = quant.forward_quant(quant.convert(prepared), torch.cat(batches))
+    assert len(torch.unique(outputs)) > 256
