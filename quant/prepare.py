@@ -34,6 +34,11 @@ def float_output_layer(model: nn.Module, example_inputs: tuple, backend: str) ->
         model.eval()
         with torch.no_grad():
             result = model(*_check_example_inputs(example_inputs, "float_output_layer"))
+    except QuantizationError:
+        raise
+    except Exception as error:  # the user's forward
+        raise QuantizationError(f"float_output_layer: {type(model).__name__} fails on one example input: "
+                                f"{type(error).__name__}: {error}") from error
     finally:
         model.train(was_training)
         for hook in hooks:

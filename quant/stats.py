@@ -45,8 +45,8 @@ def weight_observer_paths(prepared: nn.Module) -> set:
     for node in prepared.graph.nodes:  # topological order
         if node.op == "placeholder" or any(arg in on_data for arg in node.all_input_nodes):
             on_data.add(node)
-        if node.op == "call_module" and id(prepared.get_submodule(node.target)) in path_of:
-            path = path_of[id(prepared.get_submodule(node.target))]
+        path = path_of.get(id(prepared.get_submodule(node.target))) if node.op == "call_module" else None
+        if path is not None:
             called.add(path)
             if node in on_data:  # a shared observer is a data observer if any of its inputs is
                 data_observers.add(path)

@@ -37,6 +37,8 @@ def test_the_output_layer_is_the_one_whose_output_the_model_returns():
         quant.float_output_layer(SoftmaxNet(), example, "x86")
     with pytest.raises(quant.QuantizationError, match="only in a model torch.fx can trace.*BranchingNet"):
         quant.float_output_layer(BranchingNet(), example, "x86")
+    with pytest.raises(quant.QuantizationError, match="float_output_layer: Model fails on one example input: RuntimeError"):
+        quant.float_output_layer(LeNet(), (torch.rand(1, 3, 28, 28),), "x86")  # wrong channels
 
 
 @pytest.mark.parametrize("backend", ["x86", "xnnpack"])
