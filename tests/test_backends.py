@@ -19,7 +19,11 @@ def test_backend_gives_every_site_the_same_int8_model(backend, quant_type, tmp_p
     run_rounds(sites)
     figures = quantize_sites(sites)
     assert torch.backends.quantized.engine == backend
-    assert figures["int8"]["accuracy"] >= figures["fp32"]["accuracy"] - 0.02
+    # QAT after 2 short rounds is not converged: its int8 - fp32 swings from seed to seed
+    # (qnnpack, per-tensor weights, seeds 42-45 on an AVX-512 machine: -2.5, -1.1, -0.9, +1.2
+    # points; 4 rounds: -0.2), hence a wider margin than post-training quantization's.
+    margin = 0.03 if quant_type == "qat" else 0.02
+    assert figures["int8"]["accuracy"] >= figures["fp32"]["accuracy"] - margin
     # 2 rounds of 1 epoch on 90 % of the data (the validation split): well trained, not converged
     assert figures["fp32"]["accuracy"] > 0.8
     saved = []
