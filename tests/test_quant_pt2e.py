@@ -131,8 +131,9 @@ def test_federated_calibration_equals_calibrating_on_the_union(lenet, sample, fe
     for key in (k for k in merged if k.endswith(("min_val", "max_val"))):
         assert torch.equal(merged[key], central_stats[key]), key
     # histograms re-binned: the int8 activation parameters are close to the union's (the
-    # largest difference, on the output layer's wide histogram: under 2 % on the AVX2 machine the test was written on,
-    # 2.04 % and zero point 3 on an AVX-512 one, whose kernels train a slightly different LeNet)
+    # largest difference is the output layer's wide histogram: under 2 % on the AVX2 machine
+    # the test was written on; scale 2.04 % and zero point 3 on an AVX-512 one, whose kernels
+    # train a slightly different LeNet)
     federated = int8_values(federation["int8"][0])
     union_model = int8_values(quant.convert(central))
     assert federated.keys() == union_model.keys()
