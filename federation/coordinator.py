@@ -73,13 +73,16 @@ class Coordinator:
                                                     {"federation_accuracy": latest}))
 
     def _without_outliers(self, previous, senders, updates):
-        """Indices of the updates to combine. An update too far from the previous global
-        (robust.find_outliers) or as unrelated to every other update as random noise
+        """Indices of the updates to combine. An update too far from the previous global for
+        the steps its n_train gives (robust.distances_per_step, robust.find_outliers) or as unrelated to every other update as random noise
         (robust.find_random_updates) stops the run naming its site; with a robust method it is
         left out of this round instead."""
         config = self.site.config
         changes = robust.update_changes(previous, [update.weights for update in updates])
-        far = robust.find_outliers(robust.change_norms(changes), config.outlier_factor)
+        batch_size = config.dp["batch_size"] if config.dp else config.batch_size
+        distances = robust.distances_per_step(robust.change_norms(changes), [u.meta["n_train"] for u in updates],
+                                              batch_size, config.max_site_weight)
+        far = robust.find_outliers(distances, config.outlier_factor)
         noise = self._find_random_updates(senders, changes)
         if config.robust_aggregation == "none" and (far or noise):
             raise _outlier_error(config, senders, far, noise)
@@ -162,7 +165,8 @@ def _outlier_error(config, senders, far, noise):
         index, ratio = far[0]
         return UpdateError(
             f"update from site {senders[index]} is an outlier: {ratio:.1f} times as far from the "
-            f"previous global model as the other sites' updates (median), more than outlier_factor "
+            f"previous global model as the other sites' updates (median; per square root of the "
+            f"local steps its n_train gives), more than outlier_factor "
             f"{config.outlier_factor:g}; a hostile or broken site (or, if its data really differ that "
             f"much, raise outlier_factor or set robust_aggregation)",
             senders[index], "outlier update")

@@ -147,6 +147,32 @@ def test_outliers_are_measured_against_the_other_sites_median():
     assert robust.find_outliers(robust.update_distances(PREVIOUS, states(1, 30)), 4)[0][0] == 1  # two sites suffice
 
 
+def test_distances_are_compared_per_square_root_of_the_local_steps():
+    # batch 32: 100 samples are 4 steps, 1,600 are 50; the weight cap 0.5 lets a claim count
+    # up to the others' total (400 here: 13 steps)
+    assert robust.distances_per_step([2.0, 2.0], [100, 1600], 32, None) == [1.0, pytest.approx(2 / 50 ** 0.5)]
+    assert robust.credible_sizes([100, 100, 100, 100, 1600], 0.5) == [100, 100, 100, 100, 400]
+    assert robust.credible_sizes([100, 100, 100, 100, 1600], None) == [100, 100, 100, 100, 1600]
+    assert robust.credible_sizes([100, 300], 0.25) == [100, pytest.approx(100 / 3)]  # a quarter of 133
+    assert robust.credible_sizes([7], 0.5) == [7]  # one site: nothing to compare with
+
+
+def test_a_large_honest_site_is_no_outlier_and_a_large_claim_buys_little_room():
+    # 16 times the data, 6 times as far (distance grew about linearly with the steps in
+    # bench.federated_quality's 10-site Dirichlet 0.1 runs): per square root of its capped
+    # steps it is 6.7 / sqrt(13 / 4) = 3.7 times the others' (6.7: `updates` adds 5 % per site)
+    aggregator, start = coordinator()
+    aggregator.aggregate(updates(start, (1, 1, 1, 1, 6), n_train=(100, 100, 100, 100, 1600)))
+    # the same distance with the others' sizes was a stop before and still is
+    aggregator, start = coordinator()
+    with pytest.raises(UpdateError, match="site s5 is an outlier: 6.7 times"):
+        aggregator.aggregate(updates(start, (1, 1, 1, 1, 6)))
+    # a claim of 10**9 samples counts as the others' total: x30 still stops the run
+    aggregator, start = coordinator()
+    with pytest.raises(UpdateError, match="site s5 is an outlier: 18.5 times"):
+        aggregator.aggregate(updates(start, (1, 1, 1, 1, 30), n_train=(100, 100, 100, 100, 10 ** 9)))
+
+
 def skewed_changes(n_sites, skew, dim=60_000, seed=0):
     """Synthetic honest changes under label skew: a direction the sites share plus one of each
     site's own `skew` times as long (skew 1: each site's own part as large as the shared one;
