@@ -65,12 +65,13 @@ class AppConfig:
     qat_freeze_observers_round: int | None = None
     # Federated training (docs/federated.md): the coordinator's aggregation (fedavg, or
     # fedavgm / fedadam with a server learning rate: null takes the aggregation's default;
-    # scaffold: fedavg plus SCAFFOLD's control variates at every site; auto: scaffold where
-    # the config allows it, else fedavg, see `resolve_aggregation`),
-    # FedProx's proximal weight, where training runs, and how updates travel.
+    # scaffold: fedavg, or fedavgm if server_momentum is set, plus SCAFFOLD's control
+    # variates at every site; auto: scaffold where the config allows it, else fedavg, see
+    # `resolve_aggregation`), FedProx's proximal weight, where training runs, and how updates
+    # travel.
     aggregation: str = "auto"
     server_learning_rate: float | None = None
-    server_momentum: float = 0.3
+    server_momentum: float | None = None  # None: 0.3 for fedavgm, 0 (off) for scaffold
     server_betas: tuple = (0.9, 0.99)
     server_epsilon: float = 0.001
     mu: float = 0.0
@@ -162,7 +163,7 @@ _RULES = {
     "aggregation": ((str,), lambda v: v in AGGREGATION_CHOICES, f"one of {', '.join(AGGREGATION_CHOICES)}"),
     "server_learning_rate": ((int, float, type(None)), lambda v: v is None or 0 < v < float("inf"),
                              "a number > 0, or null for the aggregation's default"),
-    "server_momentum": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "server_momentum": ((int, float, type(None)), lambda v: v is None or 0 <= v < 1, "a number in [0, 1) or null"),
     "server_betas": ((list, tuple), lambda v: len(v) == 2 and all(
         isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
         "two numbers in [0, 1), e.g. [0.9, 0.99]"),

@@ -100,3 +100,19 @@ def test_server_learning_rate_scales_the_step_of_fedavg_and_scaffold(aggregation
     result = rule.step(state([1.0, 1.0]), state([2.0, 0.0], running_mean=3.0), PARAMETERS)
     assert torch.equal(result["layer.weight"], torch.tensor([3.0, -1.0]))  # 1 + 2 * (avg - 1)
     assert torch.equal(result["bn.running_mean"], torch.tensor([3.0]))      # statistics: the average
+
+
+def test_server_momentum_is_fedavgms_by_default_and_scaffolds_when_set():
+    base = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
+    rule = lambda **keys: rule_from_config(parse_config({**base, **keys}))  # noqa: E731
+    assert rule(aggregation="fedavgm").momentum == 0.3
+    plain = rule(aggregation="scaffold")
+    assert plain.momentum == 0.0 and plain.is_identity
+    averaged = state([0.3, -0.7], running_mean=2.0, batches=5)
+    assert all(torch.equal(plain.step(state([1.0, 1.0]), averaged, PARAMETERS)[name], tensor)
+               for name, tensor in averaged.items())  # the average, bit for bit
+    with_momentum = rule(aggregation="scaffold", server_momentum=0.5)
+    first = with_momentum.step(state([0.0, 0.0]), state([1.0, -2.0]), PARAMETERS)
+    second = with_momentum.step(first, state([2.0, -2.0]), PARAMETERS)
+    # delta [1, 0]; velocity 0.5 * [1, -2] + [1, 0] = [1.5, -1]
+    assert torch.allclose(second["layer.weight"], torch.tensor([2.5, -3.0]))
