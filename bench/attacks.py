@@ -19,6 +19,9 @@ transport): the hostile site's messages are decoded, tampered with and re-encode
     scaled      global + 30 (update - global)
     noise       global + Gaussian noise with the norm of (update - global)
     n_train     n_train claimed as 10**18
+    claim_flip  n_train claimed as 10**6 (within the range check) and the update x -5: the weight
+                cap gives it half the average, the distance check judges it per square root of
+                the steps that claim (capped) gives (docs/robustness.md)
     nan_figures NaN train loss and accuracy in its updates, NaN test figures
 Transport-level attacks need the real transport: they run through the testbed
 (`testbed.run_federation`), with the controller's delivery patched in this process only.
@@ -50,7 +53,7 @@ SHORT = {"max_iter": 3, "epochs": 1}
 STOP_WITHIN_S, TOLERANCE_POINTS = 60.0, 1.0
 SETTINGS = {"default": {}, "norm_clip": {"robust_aggregation": "norm_clip"},
             "trimmed_mean": {"robust_aggregation": "trimmed_mean"}, "median": {"robust_aggregation": "median"}}
-MODEL_ATTACKS = ("sign_flip", "scaled", "noise", "n_train", "nan_figures")
+MODEL_ATTACKS = ("sign_flip", "scaled", "noise", "n_train", "claim_flip", "nan_figures")
 TRANSPORT_ATTACKS = ("duplicate", "forged_global")
 TRANSPORT_SETTINGS = ("default", "median")  # each testbed run takes about a minute
 UNKNOWN_SENDER = "f00dfeedf00dfeed"
@@ -71,13 +74,15 @@ def _tampered_update(attack, site, data, generator):
                  for name, change in changes.items()}
         noise_norm = math.sqrt(sum(value.square().sum().item() for value in noise.values()))
         changes = {name: value * norm / noise_norm for name, value in noise.items()}
-    factor = {"sign_flip": -5.0, "scaled": 30.0}.get(attack)
+    factor = {"sign_flip": -5.0, "claim_flip": -5.0, "scaled": 30.0}.get(attack)
     if factor is not None:
         changes = {name: factor * change for name, change in changes.items()}
     for name, change in changes.items():
         message.weights[name] = (previous[name].double() + change).to(message.weights[name].dtype)
     if attack == "n_train":
         message.meta["n_train"] = 10 ** 18
+    if attack == "claim_flip":
+        message.meta["n_train"] = 10 ** 6
     if attack == "nan_figures":
         message.meta.update(train_loss=float("nan"), train_accuracy=float("nan"))
     return site.codec.encode_model(message)
