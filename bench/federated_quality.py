@@ -59,7 +59,7 @@ VARIANTS = {
     "scaffold-10x1": {"aggregation": "scaffold", "max_iter": 10, "epochs": 1},
     "fedavg-20x0.5": {"aggregation": "fedavg", "max_iter": 20, "epochs": 0.5},
     "scaffold-20x0.5": {"aggregation": "scaffold", "max_iter": 20, "epochs": 0.5},
-    # SCAFFOLD with server momentum (docs/federated.md, "server_momentum with scaffold").
+    # SCAFFOLD with server momentum (README, "Server momentum with SCAFFOLD").
     "scaffold-m0.3-20x0.5": {"aggregation": "scaffold", "server_momentum": 0.3, "max_iter": 20, "epochs": 0.5},
     # The local learning rate around the default 0.005 (README, "Why learning_rate: 0.005").
     **{f"{rule}-lr{rate}": {"aggregation": rule, "learning_rate": rate}

@@ -74,9 +74,9 @@ class Coordinator:
 
     def _without_outliers(self, previous, senders, updates):
         """Indices of the updates to combine. An update too far from the previous global for
-        the steps its n_train gives (robust.distances_per_step, robust.find_outliers) or as unrelated to every other update as random noise
-        (robust.find_random_updates) stops the run naming its site; with a robust method it is
-        left out of this round instead."""
+        the steps its n_train gives (robust.distances_per_step, robust.find_outliers) or as
+        unrelated to every other update as random noise (robust.find_random_updates) stops the
+        run naming its site; with a robust method it is left out of this round instead."""
         config = self.site.config
         changes = robust.update_changes(previous, [update.weights for update in updates])
         batch_size = config.dp["batch_size"] if config.dp else config.batch_size

@@ -166,6 +166,7 @@ def credible_sizes(sizes, cap):
     if cap is None or cap >= 1:
         return list(sizes)
     total = sum(sizes)
+    # `or size`: a lone site (nothing beside it) keeps its claim
     return [min(size, cap / (1 - cap) * (total - size)) or size for size in sizes]
 
 
