@@ -54,7 +54,7 @@ def test_batchnorm_gets_a_clear_error_naming_the_layer(tmp_path):
     assert "layer '1' (BatchNorm2d)" in str(error.value)
     clients, generic = make_tiny_federation(tmp_path, dp={"epsilon": 3})
     (generic / "model.py").write_text((generic / "model.py").read_text().replace(
-        "self.relu1 = nn.ReLU()", "self.relu1 = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())"))
+        "self.relu1 = nn.ReLU()", "self.relu1 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU())"))
     with pytest.raises(InputError, match="BatchNorm") as error:
         load_sites(clients[:1], generic)
     assert error.value.key == "dp" and "model.py" in str(error.value)
