@@ -61,6 +61,9 @@ VARIANTS = {
     "scaffold-20x0.5": {"aggregation": "scaffold", "max_iter": 20, "epochs": 0.5},
     # SCAFFOLD with server momentum (README, "Server momentum with SCAFFOLD").
     "scaffold-m0.3-20x0.5": {"aggregation": "scaffold", "server_momentum": 0.3, "max_iter": 20, "epochs": 0.5},
+    # The moving average of the rounds' global models (README, "Averaging the rounds' models").
+    **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
+       for decay in (0.5, 0.7)},
     # The local learning rate around the default 0.005 (README, "Why learning_rate: 0.005").
     **{f"{rule}-lr{rate}": {"aggregation": rule, "learning_rate": rate}
        for rule in ("fedavg", "scaffold") for rate in (0.002, 0.01)},

@@ -40,6 +40,7 @@ class Site:
     bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
     dp_report: dict = None                      # DP-SGD: budget, noise, epsilon spent
     latest_global: ModelMessage = None          # the global model loaded last
+    averaged_global: ModelMessage = None        # model_ema: the moving average of the rounds' global models
     kept_global: ModelMessage = None            # a copy of the kept round's (keep: best), if not the latest
     decision: Decision = None                   # the coordinator's last `round_<r>` decision
 
@@ -135,9 +136,11 @@ class Site:
         return self.codec.encode_report(self.evaluate_global_figures())
 
     def evaluate_global_figures(self):
-        """The global model on this site's test set and on its validation split (null figures
-        and n_validation 0 without one)."""
-        with self.timed("evaluate"):
+        """The round's evaluated model (the global model, or with model_ema its moving
+        average) on this site's test set and on its validation split (null figures and
+        n_validation 0 without one)."""
+        evaluated = self.round_model()
+        with self.timed("evaluate"), self.weights_loaded(evaluated):
             result = self.local.evaluate(self.inputs.test_loader)
             validation = self.local.evaluate(self.inputs.validation_loader) if self.inputs.validation_loader else None
         figures = {"test_loss": result.loss, "test_accuracy": result.accuracy,
@@ -146,6 +149,37 @@ class Site:
         self.rounds[-1].update(figures)
         return {**figures, "n_test": self.inputs.test_info.n,
                 "n_validation": self.inputs.validation_info.n if validation else 0}
+
+    def round_model(self):
+        """What this round offers for keeping and writing: the global model just received, or
+        with model_ema d the average d * (the last round's) + (1 - d) * the global model.
+        Training goes on from the global model itself. Every site received the same broadcasts,
+        so every site holds the same average; it restarts when the model's layout changes
+        (QAT's first round)."""
+        decay = self.config.model_ema
+        if not decay:
+            return self.latest_global
+        before, latest = self.averaged_global, self.latest_global
+        if before is None or _layout(before.weights) != _layout(latest.weights):
+            self.averaged_global = _copy_of(latest)
+        else:
+            weights = {name: decay * before.weights[name] + (1 - decay) * tensor if tensor.is_floating_point()
+                       else tensor.clone() for name, tensor in latest.weights.items()}
+            self.averaged_global = ModelMessage(weights, dict(latest.observers), dict(latest.controls),
+                                                dict(latest.meta))
+        return self.averaged_global
+
+    @contextmanager
+    def weights_loaded(self, message):
+        """`message`'s weights in the model for the duration (the global model's back after)."""
+        if message is self.latest_global:
+            yield
+            return
+        quant.load_float_state(self.local.model, message.weights)
+        try:
+            yield
+        finally:
+            quant.load_float_state(self.local.model, self.latest_global.weights)
 
     def follow_decision(self, sender, data):
         """The coordinator's `round_<r>` decision: keep a copy of this round's global model when
@@ -157,8 +191,9 @@ class Site:
                                     f"{decision.kept_round}, but this site is in round {self.round}",
                                     sender, "bad decision")
         self.decision = decision
-        if decision.kept_round == self.round and not self.training_done:
-            self.kept_global = _copy_of(self.latest_global)
+        evaluated = self.averaged_global if self.config.model_ema else self.latest_global
+        if decision.kept_round == self.round and (not self.training_done or evaluated is not self.latest_global):
+            self.kept_global = _copy_of(evaluated)
         return decision.stop
 
     @property
@@ -166,9 +201,9 @@ class Site:
         return self.round >= self.config.max_iter or (self.decision is not None and self.decision.stop)
 
     def restore_kept_global(self):
-        """Before calibration: the kept round's global model back in place of the latest (the
-        same at every site: every site loaded the same broadcast)."""
-        if self.kept_global is not None and self.decision.kept_round != self.round:
+        """Before calibration: the kept round's model (global, or its moving average) in place
+        of the latest global (the same at every site: every site loaded the same broadcasts)."""
+        if self.kept_global is not None:
             self.load_global(self.kept_global)
         self.kept_global = None
 
@@ -231,6 +266,10 @@ class Site:
                                        "latency_ms": quant.latency_ms(model, batch)}
         self.predictions["true"] = result.y_true
         return self.results
+
+
+def _layout(tensors):
+    return {name: tensor.shape for name, tensor in tensors.items()}
 
 
 def _copy_of(message):

@@ -106,6 +106,10 @@ class AppConfig:
     validation_fraction: float = 0.1
     keep: str = "best"
     patience: int = 0
+    # The exponential moving average of the rounds' global models, with this decay, is what
+    # is evaluated, kept and written (0: the global model itself); training goes on from the
+    # global model (README, "Averaging the rounds' models").
+    model_ema: float = 0.0
 
     @property
     def wants_float_output_layer(self):
@@ -188,6 +192,7 @@ _RULES = {
     "validation_fraction": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no validation split)"),
     "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
     "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
+    "model_ema": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"

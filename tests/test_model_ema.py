@@ -1,0 +1,105 @@
+"""model_ema: the moving average of the rounds' global models is evaluated, kept and written;
+training goes on from the global model itself (federation/site.py, Site.round_model)."""
+import pytest
+import torch
+
+import quant
+from bench.simulate import load_sites, quantize_sites, run_rounds
+from inputs.config import parse_config
+from inputs.errors import InputError
+from tests.privacy_helpers import make_tiny_federation
+from training import evaluate
+
+
+def globals_received(site):
+    """Record a copy of every global model `site` loads (the broadcasts, in order)."""
+    received, load_global = [], site.load_global
+
+    def recording(message):
+        received.append({name: tensor.clone() for name, tensor in message.weights.items()})
+        load_global(message)
+    site.load_global = recording
+    return received
+
+
+def moving_average(models, decay):
+    average = models[0]
+    for model in models[1:]:
+        average = {name: decay * average[name] + (1 - decay) * tensor if tensor.is_floating_point() else tensor
+                   for name, tensor in model.items()}
+    return average
+
+
+def federation(tmp_path, name, **config):
+    clients, generic = make_tiny_federation(tmp_path / name, max_iter=3, keep="last", **config)
+    sites = load_sites(clients, generic)
+    return sites, globals_received(sites[0])
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_written_model_is_the_average_and_training_goes_on_from_the_global(tmp_path, secure):
+    plain_sites, plain_globals = federation(tmp_path, "plain", secure_aggregation=secure)
+    run_rounds(plain_sites)
+    sites, received = federation(tmp_path, "ema", secure_aggregation=secure, model_ema=0.5)
+    run_rounds(sites)
+    round_globals = received[1:]  # the first is the starting model, before round 1
+    assert len(round_globals) == 3
+    # Training is unchanged: the same global models as without averaging, round by round.
+    for with_ema, without in zip(round_globals, plain_globals[1:]):
+        for name in without:
+            torch.testing.assert_close(with_ema[name], without[name], rtol=0, atol=0)
+    average = moving_average(round_globals, 0.5)
+    # Each round's test figures are the average's, not the global model's.
+    probe = plain_sites[0].local.model
+    quant.load_float_state(probe, average)
+    last_round = evaluate(probe, sites[0].inputs.test_loader)
+    assert sites[0].rounds[-1]["test_accuracy"] == pytest.approx(last_round.accuracy)
+    assert sites[0].rounds[-1]["test_loss"] == pytest.approx(last_round.loss, rel=1e-5)
+    quant.load_float_state(probe, round_globals[-1])
+    assert evaluate(probe, sites[0].inputs.test_loader).loss != pytest.approx(last_round.loss, rel=1e-5)
+    # What every site calibrates, converts and writes is the average.
+    quantize_sites(sites)
+    for site in sites:
+        assert site.results["fp32"]["loss"] == pytest.approx(site.rounds[-1]["test_loss"], rel=1e-5)
+        state = quant.float_state(site.local.model)
+        for name, tensor in average.items():
+            torch.testing.assert_close(state[name], tensor)
+
+
+def test_keep_best_keeps_the_best_rounds_average(tmp_path):
+    # As tests/test_validation.py: a learning rate this high makes later rounds worse.
+    clients, generic = make_tiny_federation(tmp_path, learning_rate=0.3, max_iter=5, model_ema=0.5)
+    sites = load_sites(clients, generic)
+    received = globals_received(sites[0])
+    result = run_rounds(sites)
+    kept = result["selection"]["kept_round"]
+    losses = [row["validation_loss"] for row in result["rounds"]]
+    assert losses[kept - 1] == min(losses)
+    quantize_sites(sites)
+    kept_average = moving_average(received[1:kept + 1], 0.5)
+    probe = sites[0].local.model
+    quant.load_float_state(probe, kept_average)
+    for site in sites:
+        assert site.results["fp32"]["accuracy"] == pytest.approx(site.rounds[kept - 1]["test_accuracy"])
+        assert site.results["fp32"]["loss"] == pytest.approx(evaluate(probe, site.inputs.test_loader).loss,
+                                                             rel=1e-5)
+
+
+def test_the_average_restarts_when_qat_changes_the_models_layout(tmp_path):
+    clients, generic = make_tiny_federation(tmp_path, quant_type="qat", qat_warmup_rounds=1, max_iter=3,
+                                            keep="last", aggregation="fedavg", model_ema=0.5)
+    sites = load_sites(clients, generic)
+    run_rounds(sites)
+    figures = quantize_sites(sites)
+    assert figures["int8"]["accuracy"] > 0.5
+    average = sites[0].averaged_global.weights
+    assert set(average) == set(quant.float_state(sites[0].local.model))
+
+
+@pytest.mark.parametrize("value", [1, 1.0, -0.1, True, "0.5"])
+def test_bad_values_are_refused_naming_config_and_key(value):
+    base = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
+    with pytest.raises(InputError, match=r"must be a number in \[0, 1\)") as error:
+        parse_config({**base, "model_ema": value}, "config.yml")
+    assert error.value.key == "model_ema" and "config.yml" in str(error.value)
+    assert parse_config(base).model_ema == 0
