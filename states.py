@@ -194,7 +194,7 @@ class WriteResults(FederatedState):
         metrics = build_metrics({"id": self.id, "coordinator": self.is_coordinator}, site.config,
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation,
                                 privacy=privacy_report(site, self.channel.secure),
-                                selection=selection_report(site.decision, site.config.max_iter),
+                                selection=selection_report(site.decision, site.config.max_iter, site.config.model_ema),
                                 aggregation=site.inputs.aggregation_choice, float_layers=site.recipe.float_layers)
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={

@@ -106,7 +106,7 @@ def follow_decision(coordinator, sites):
 
 def kept_figures(rows, site):
     """The rounds, and the test accuracy of the round whose model is quantized and written."""
-    selection = selection_report(site.decision, site.config.max_iter)
+    selection = selection_report(site.decision, site.config.max_iter, site.config.model_ema)
     return {"rounds": rows, "accuracy": rows[selection["kept_round"] - 1]["test_accuracy"],
             "last_accuracy": rows[-1]["test_accuracy"], "selection": selection}
 

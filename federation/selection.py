@@ -49,9 +49,10 @@ class ModelSelection:
         return Decision(round_number, kept, stop, self.best_loss, self.keep, self.patience)
 
 
-def selection_report(decision, max_iter):
+def selection_report(decision, max_iter, model_ema=0.0):
     """metrics.json's "selection": which round's model was written and why, in words too
-    ("best validation loss 0.123 at round 4 of 10"; "stopped early after round 7: ...")."""
+    ("best validation loss 0.123 at round 4 of 10"; "stopped early after round 7: ...";
+    with model_ema, that the written model is the moving average up to the kept round)."""
     if decision.keep == "last":
         reasons = [f"the last round ({decision.round} of {max_iter}), as keep: last says"]
     elif decision.best_validation_loss is None:
@@ -63,5 +64,8 @@ def selection_report(decision, max_iter):
         rounds = "round" if decision.patience == 1 else "rounds"
         reasons.append(f"stopped early after round {decision.round}: no improvement for "
                        f"{decision.patience} {rounds}")
-    return {**decision.to_meta(), "rounds_run": decision.round, "max_iter": max_iter,
+    if model_ema:
+        reasons.append(f"the written model is the moving average (model_ema {model_ema:g}) of the global "
+                       f"models of rounds 1 to {decision.kept_round}")
+    return {**decision.to_meta(), "model_ema": model_ema, "rounds_run": decision.round, "max_iter": max_iter,
             "stopped_early": decision.stop, "reason": "; ".join(reasons)}

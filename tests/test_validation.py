@@ -138,6 +138,10 @@ def test_the_report_says_which_round_and_why():
     assert report["reason"] == ("best validation loss 0.123 at round 2 of 4; stopped early after round 4: "
                                 "no improvement for 2 rounds")
     assert "as keep: last says" in selection_report(decisions([0.9, 0.5], keep="last")[-1], 2)["reason"]
+    averaged = selection_report(last, max_iter=10, model_ema=0.5)
+    assert averaged["model_ema"] == 0.5 and averaged["reason"].endswith(
+        "the written model is the moving average (model_ema 0.5) of the global models of rounds 1 to 2")
+    assert report["model_ema"] == 0 and "moving average" not in report["reason"]
 
 
 def test_decision_reports_are_range_checked():
