@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import quant
+import testbed
 from bench.simulate import load_sites, quantize_sites, run_rounds
 from inputs.config import parse_config
 from inputs.errors import InputError
+from tests.e2e_helpers import read_metrics
 from tests.privacy_helpers import make_tiny_federation
 from training import evaluate
 
@@ -94,6 +96,22 @@ def test_the_average_restarts_when_qat_changes_the_models_layout(tmp_path):
     assert figures["int8"]["accuracy"] > 0.5
     average = sites[0].averaged_global.weights
     assert set(average) == set(quant.float_state(sites[0].local.model))
+
+
+@pytest.mark.timeout(150)
+def test_the_app_writes_the_average_the_same_at_every_site(tmp_path):
+    """Through the testbed (processes, HTTP, the engine): metrics.json says what was written."""
+    clients, generic = make_tiny_federation(tmp_path, max_iter=3, model_ema=0.5)
+    result = testbed.run_federation(clients, generic, tmp_path / "out", quiet=True, timeout=140)
+    assert result.ok, result.message
+    metrics = [read_metrics(site) for site in result.site_outputs]
+    selection = metrics[0]["selection"]
+    kept = selection["kept_round"]
+    assert selection["model_ema"] == 0.5 and "moving average (model_ema 0.5)" in selection["reason"]
+    for site_metrics in metrics:
+        assert site_metrics["fp32"]["accuracy"] == pytest.approx(site_metrics["rounds"][kept - 1]["test_accuracy"])
+    digests = {artifact["digest"] for site_metrics in metrics for artifact in site_metrics["artifacts"]}
+    assert len(digests) == len(metrics[0]["artifacts"])
 
 
 @pytest.mark.parametrize("value", [1, 1.0, -0.1, True, "0.5"])
