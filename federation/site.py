@@ -40,7 +40,7 @@ class Site:
     bytes_sent: dict = field(default_factory=dict)                     # payload bytes by memo
     dp_report: dict = None                      # DP-SGD: budget, noise, epsilon spent
     latest_global: ModelMessage = None          # the global model loaded last
-    averaged_global: ModelMessage = None        # model_ema: the moving average of the rounds' global models
+    evaluated_global: ModelMessage = None       # the round's model: latest_global, or its moving average (model_ema)
     kept_global: ModelMessage = None            # a copy of the kept round's (keep: best), if not the latest
     decision: Decision = None                   # the coordinator's last `round_<r>` decision
 
@@ -96,6 +96,7 @@ class Site:
         model = self.recipe.model_for_round(self.round, self.local.model)
         if model is not self.local.model:
             self.local.replace_model(model)
+            self.evaluated_global = None  # model_ema's average restarts with the new model
         return self.round
 
     def train_round(self):
@@ -139,8 +140,8 @@ class Site:
         """The round's evaluated model (the global model, or with model_ema its moving
         average) on this site's test set and on its validation split (null figures and
         n_validation 0 without one)."""
-        evaluated = self.round_model()
-        with self.timed("evaluate"), self.weights_loaded(evaluated):
+        self.evaluated_global = self.round_model()
+        with self.timed("evaluate"), self.weights_loaded(self.evaluated_global):
             result = self.local.evaluate(self.inputs.test_loader)
             validation = self.local.evaluate(self.inputs.validation_loader) if self.inputs.validation_loader else None
         figures = {"test_loss": result.loss, "test_accuracy": result.accuracy,
@@ -151,23 +152,19 @@ class Site:
                 "n_validation": self.inputs.validation_info.n if validation else 0}
 
     def round_model(self):
-        """What this round offers for keeping and writing: the global model just received, or
-        with model_ema d the average d * (the last round's) + (1 - d) * the global model.
-        Training goes on from the global model itself. Every site received the same broadcasts,
-        so every site holds the same average; it restarts when the model's layout changes
-        (QAT's first round)."""
-        decay = self.config.model_ema
+        """The model this round's figures measure, `keep` selects from and the site may write:
+        the global model just received, or with model_ema d the moving average d * (the last
+        round's) + (1 - d) * (the global model). Training goes on from the global model itself.
+        Every site received the same broadcasts, so every site holds the same average; it
+        restarts when the model is replaced (QAT's first round, start_round)."""
+        decay, before, latest = self.config.model_ema, self.evaluated_global, self.latest_global
         if not decay:
-            return self.latest_global
-        before, latest = self.averaged_global, self.latest_global
-        if before is None or _layout(before.weights) != _layout(latest.weights):
-            self.averaged_global = _copy_of(latest)
-        else:
-            weights = {name: decay * before.weights[name] + (1 - decay) * tensor if tensor.is_floating_point()
-                       else tensor.clone() for name, tensor in latest.weights.items()}
-            self.averaged_global = ModelMessage(weights, dict(latest.observers), dict(latest.controls),
-                                                dict(latest.meta))
-        return self.averaged_global
+            return latest
+        if before is None:
+            return _copy_of(latest)
+        weights = {name: decay * before.weights[name] + (1 - decay) * tensor if tensor.is_floating_point()
+                   else tensor.clone() for name, tensor in latest.weights.items()}
+        return ModelMessage(weights, dict(latest.observers), dict(latest.controls), dict(latest.meta))
 
     @contextmanager
     def weights_loaded(self, message):
@@ -182,8 +179,9 @@ class Site:
             quant.load_float_state(self.local.model, self.latest_global.weights)
 
     def follow_decision(self, sender, data):
-        """The coordinator's `round_<r>` decision: keep a copy of this round's global model when
-        it is the kept one and more rounds may follow; return whether training stops now."""
+        """The coordinator's `round_<r>` decision: keep a copy of this round's model when it is
+        the kept one and more rounds may follow (or it is not the global model loaded now, as
+        with model_ema); return whether training stops now."""
         meta = self.codec.decode_report(sender, data, "decision")
         decision = Decision(**meta)
         if decision.round != self.round or decision.kept_round > self.round:
@@ -191,7 +189,7 @@ class Site:
                                     f"{decision.kept_round}, but this site is in round {self.round}",
                                     sender, "bad decision")
         self.decision = decision
-        evaluated = self.averaged_global if self.config.model_ema else self.latest_global
+        evaluated = self.evaluated_global
         if decision.kept_round == self.round and (not self.training_done or evaluated is not self.latest_global):
             self.kept_global = _copy_of(evaluated)
         return decision.stop
@@ -266,10 +264,6 @@ class Site:
                                        "latency_ms": quant.latency_ms(model, batch)}
         self.predictions["true"] = result.y_true
         return self.results
-
-
-def _layout(tensors):
-    return {name: tensor.shape for name, tensor in tensors.items()}
 
 
 def _copy_of(message):
