@@ -189,9 +189,9 @@ class Site:
                                     f"{decision.kept_round}, but this site is in round {self.round}",
                                     sender, "bad decision")
         self.decision = decision
-        evaluated = self.evaluated_global
-        if decision.kept_round == self.round and (not self.training_done or evaluated is not self.latest_global):
-            self.kept_global = _copy_of(evaluated)
+        if decision.kept_round == self.round:  # no copy for the global model loaded now when no round follows
+            last_and_loaded = self.training_done and self.evaluated_global is self.latest_global
+            self.kept_global = None if last_and_loaded else _copy_of(self.evaluated_global)
         return decision.stop
 
     @property

@@ -87,6 +87,24 @@ def test_keep_best_keeps_the_best_rounds_average(tmp_path):
                                                              rel=1e-5)
 
 
+@pytest.mark.parametrize("model_ema", [0, 0.5])
+def test_keep_best_writes_the_last_rounds_model_when_it_is_the_best(tmp_path, model_ema):
+    """Round 1 was kept while round 2 followed; round 2 is better: its model is written, not
+    round 1's copy (with or without averaging)."""
+    clients, generic = make_tiny_federation(tmp_path, max_iter=2, model_ema=model_ema)
+    sites = load_sites(clients, generic)
+    received = globals_received(sites[0])
+    result = run_rounds(sites)
+    losses = [row["validation_loss"] for row in result["rounds"]]
+    assert losses[1] < losses[0] and result["selection"]["kept_round"] == 2
+    expected = moving_average(received[1:], model_ema) if model_ema else received[-1]
+    quantize_sites(sites)
+    for site in sites:
+        state = quant.float_state(site.local.model)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(state[name], tensor)
+
+
 def test_the_average_restarts_when_qat_starts(tmp_path):
     clients, generic = make_tiny_federation(tmp_path, quant_type="qat", qat_warmup_rounds=1, max_iter=3,
                                             keep="last", aggregation="fedavg", model_ema=0.5)
