@@ -41,7 +41,7 @@ class Site:
     dp_report: dict = None                      # DP-SGD: budget, noise, epsilon spent
     latest_global: ModelMessage = None          # the global model loaded last
     evaluated_global: ModelMessage = None       # the round's model: latest_global, or its moving average (model_ema)
-    kept_global: ModelMessage = None            # a copy of the kept round's (keep: best), if not the latest
+    kept_global: ModelMessage = None            # a copy of the kept round's model, unless it is the one loaded now
     decision: Decision = None                   # the coordinator's last `round_<r>` decision
 
     @classmethod
