@@ -13,8 +13,8 @@ from torch import nn
 class Model(nn.Module):
     def __init__(self, n_classes: int = 4):
         super().__init__()
-        # 8 channels and 32 units, not 4 and 16: under DP noise the narrower net lost all
-        # the ReLUs of a class's quadrant in about 1 run in 60 (accuracy at chance).
+        # 8 channels and 32 units, not 4 and 16: under DP noise the narrower net's ReLUs died
+        # (1-3 of its 4 conv channels, most hidden units) in about 1 run in 60, near chance.
         self.conv = nn.Conv2d(1, 8, kernel_size=3)     # 8 -> 6
         self.relu1 = nn.ReLU()
         self.pool = nn.MaxPool2d(2)                    # 6 -> 3
