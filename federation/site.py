@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import quant
+from federation.aggregate import weighted_average
 from federation.checks import SiteMismatchError
 from federation.messages import Codec, ModelMessage, round_memo
 from federation.selection import Decision
@@ -162,8 +163,7 @@ class Site:
             return latest
         if before is None:
             return _copy_of(latest)
-        weights = {name: decay * before.weights[name] + (1 - decay) * tensor if tensor.is_floating_point()
-                   else tensor.clone() for name, tensor in latest.weights.items()}
+        weights = weighted_average([before.weights, latest.weights], [decay, 1 - decay])
         return ModelMessage(weights, dict(latest.observers), dict(latest.controls), dict(latest.meta))
 
     @contextmanager

@@ -81,11 +81,12 @@ class AppConfig:
     # combines the updates (none: the weighted average; norm_clip, trimmed_mean, median), the
     # outlier check (an update more than outlier_factor times as far from the previous global
     # as the other sites' median, per square root of its local steps, stops the run naming the
-    # site, or with a robust method is left out of the round; null: no check), and the largest share of the averaging weight any one
-    # site gets, whatever n_train it claims (from 3 sites on; null: no cap). The random-
-    # direction check: an update whose change has |cosine| below min_cosine (or a random
-    # direction's 4 standard deviations, if smaller) with every other site's change and with its
-    # own change the round before is flagged like a distance outlier (from 3 sites; null: off).
+    # site, or with a robust method is left out of the round; null: no check), and the largest
+    # share of the averaging weight any one site gets, whatever n_train it claims (from 3 sites
+    # on; null: no cap). The random-direction check: an update whose change has |cosine| below
+    # min_cosine (or a random direction's 4 standard deviations, if smaller) with every other
+    # site's change and with its own change the round before is flagged like a distance outlier
+    # (from 3 sites; null: off).
     robust_aggregation: str = "none"
     outlier_factor: float | None = 4.0
     min_cosine: float | None = 0.02
