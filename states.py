@@ -195,7 +195,8 @@ class WriteResults(FederatedState):
                                 site.recipe.mode, site.rounds, site.bytes_sent, site.results, federation,
                                 privacy=privacy_report(site, self.channel.secure),
                                 selection=selection_report(site.decision, site.config.max_iter, site.config.model_ema),
-                                aggregation=site.inputs.aggregation_choice, float_layers=site.recipe.float_layers)
+                                aggregation=site.inputs.aggregation_choice, float_layers=site.recipe.float_layers,
+                                logit_adjustment=site.inputs.logit_adjustment_choice)
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},

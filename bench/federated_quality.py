@@ -66,6 +66,12 @@ VARIANTS = {
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
+    # Logit adjustment (README, "Logit adjustment"): the variants above train with the default
+    # (auto: 0.5); these turn it off or set the full correction.
+    "scaffold-la0": {"aggregation": "scaffold", "logit_adjustment": 0},
+    "scaffold-la0-20x0.5": {"aggregation": "scaffold", "logit_adjustment": 0, "max_iter": 20, "epochs": 0.5},
+    "scaffold-la1-20x0.5": {"aggregation": "scaffold", "logit_adjustment": 1, "max_iter": 20, "epochs": 0.5},
+    "fedavg-la0": {"aggregation": "fedavg", "logit_adjustment": 0},
     # The local learning rate around the default 0.005 (README, "Why learning_rate: 0.005").
     **{f"{rule}-lr{rate}": {"aggregation": rule, "learning_rate": rate}
        for rule in ("fedavg", "scaffold") for rate in (0.002, 0.01)},

@@ -165,11 +165,21 @@ ROUND_ROW = Record({"round": count(MAX_ROUNDS), "train_loss": non_negative(), "t
 # the rounds its update was left out of (robust aggregation: federation/robust.py).
 SITE_ROW = Record({"id": SITE_ID, "n_train": count(), "weight": fraction(),
                    "excluded_rounds": ListOf(count(MAX_ROUNDS), MAX_ROUNDS)})
+
+
+def label_counts(limit):
+    """Per-class sample counts (logit_adjustment), absent without it."""
+    return Field(f"a list of at most {_power(MAX_CLASSES)} integers in 0..{_power(limit)}, or absent",
+                 lambda v: isinstance(v, list) and len(v) <= MAX_CLASSES and all(_is_int(c) and 0 <= c <= limit for c in v),
+                 optional=True)
+
+
 # What each report must hold: field -> its check (nested: Record, ListOf).
 REPORT_FIELDS = {
-    "summary": {"n_train": count(), "n_test": count(), "input_shape": SHAPE, "n_classes": count(MAX_CLASSES)},
+    "summary": {"n_train": count(), "n_test": count(), "input_shape": SHAPE, "n_classes": count(MAX_CLASSES),
+                "label_counts": label_counts(MAX_COUNT)},
     "update": {"n_train": count(), "train_loss": non_negative(), "train_accuracy": fraction()},
-    "global": {"federation_accuracy": fraction(optional=True)},
+    "global": {"federation_accuracy": fraction(optional=True), "label_counts": label_counts(MAX_TOTAL)},
     "test": {"n_test": count(), "test_loss": non_negative(), "test_accuracy": fraction(),
              "n_validation": count(low=0), "validation_loss": non_negative(optional=True),
              "validation_accuracy": fraction(optional=True)},

@@ -15,7 +15,8 @@ from federation.checks import SiteMismatchError, UpdateError
 from federation.messages import Codec, ModelMessage
 from federation.rules import rule_from_config
 from federation.selection import ModelSelection
-from federation.summary import check_sites_fit, check_validation_figures, federation_results, federation_round
+from federation.summary import (check_sites_fit, check_validation_figures, federation_label_counts, federation_results,
+                                federation_round)
 from quant import merge_calibration
 
 
@@ -32,6 +33,7 @@ class Coordinator:
         self._update_meta = []   # this round's update figures, for its row
         self.sites = {}          # sender -> what it claimed and what weight it got (the `final` message)
         self._last_changes = {}  # sender -> its update's change of the round before (the noise check)
+        self.label_counts = None  # logit_adjustment: the federation's training label counts
 
     @property
     def codec(self) -> Codec:
@@ -41,6 +43,8 @@ class Coordinator:
         _check_senders(pieces, "summary")
         summaries = [(sender, self.codec.decode_report(sender, data, "summary")) for sender, data in pieces]
         check_sites_fit(summaries)
+        if self.site.config.logit_adjustment > 0:
+            self.label_counts = federation_label_counts(summaries, self.site.inputs.n_outputs)
         method = self.site.config.robust_aggregation
         if method != "none" and len(pieces) < robust.MIN_SITES:
             raise SiteMismatchError(
@@ -48,7 +52,9 @@ class Coordinator:
                 f"has {len(pieces)}: with fewer, no method can tell which site is wrong (use none)")
 
     def first_global(self):
-        return self.codec.encode_model(self.site.local_message())
+        """The initial model (with logit_adjustment: carrying the federation's label counts)."""
+        meta = {"label_counts": self.label_counts} if self.label_counts is not None else {}
+        return self.codec.encode_model(self.site.local_message(**meta))
 
     def aggregate(self, pieces):
         """The next global model from the sites' updates: outliers found, weights capped, the

@@ -7,7 +7,7 @@ them, and posts one aggregate (floats again) to the coordinator. What the sums a
 
 | memo | each site sends | the coordinator gets |
 |---|---|---|
-| `counts` | [n_train, n_test] | the federation's totals N, T |
+| `counts` | [n_train, n_test] (+ its training label counts with logit_adjustment) | the federation's totals N, T (and label counts) |
 | `update_<r>` | (n_i/N) * (weights, control variates, train loss, train accuracy) | the weighted averages |
 | `dp_sum_<r>_<s>` | dp.noise distributed: its clipped gradient sum + its share of the noise | DP-SGD's noisy gradient sum of step s |
 | `test_<r>` | [n_test * loss, n_test * accuracy, n_validation, n_validation * (loss, accuracy)] | T * the federation's test figures, V and V * its validation figures |
@@ -202,7 +202,10 @@ class SecureSite:
 
     def counts(self):
         summary = self.site.inputs.summary()
-        vector = checked_vector([summary["n_train"], summary["n_test"]], COUNT_BOUND, "the sample counts")
+        values = [summary["n_train"], summary["n_test"]]
+        if self.site.config.logit_adjustment > 0:
+            values += self.site.inputs.label_counts()  # one per class score: the same length everywhere
+        vector = checked_vector(values, COUNT_BOUND, "the sample counts")
         return Contribution("counts", vector, self._exponent(COUNT_BOUND), _plain_size(vector))
 
     def receive_totals(self, meta):
@@ -316,8 +319,10 @@ class SecureCoordinator:
 
     def first_global(self, counts):
         """The initial model, with the federation's totals the sites weight their updates by."""
-        n_train, n_test = counts.values(2)
-        self.totals = {"n_train": int(round(n_train)), "n_test": int(round(n_test))}
+        site = self.coordinator.site
+        adjusting = site.config.logit_adjustment > 0
+        values = counts.values(2 + (site.inputs.n_outputs if adjusting else 0))
+        self.totals = {"n_train": int(round(values[0])), "n_test": int(round(values[1]))}
         if min(self.totals.values()) < 1:
             raise SiteMismatchError(f"the federation's sample counts {self.totals} are not positive")
         settings, config = self.coordinator.site.local.dp, self.coordinator.site.config
@@ -325,7 +330,8 @@ class SecureCoordinator:
             self.dp_plan = distributed_plan(settings, self.totals["n_train"], self.n_sites, config.max_iter,
                                             config.epochs)
             self.noisy_descent = NoisyGradientDescent(settings, self.dp_plan.expected_batch)
-        message = self.coordinator.site.local_message(n_train_total=self.totals["n_train"])
+        label_counts = {"label_counts": [int(round(value)) for value in values[2:]]} if adjusting else {}
+        message = self.coordinator.site.local_message(n_train_total=self.totals["n_train"], **label_counts)
         return self.codec.encode_model(message)
 
     def aggregate(self, update_sum):

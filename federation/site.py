@@ -14,12 +14,13 @@ from pathlib import Path
 
 import quant
 from federation.aggregate import weighted_average
-from federation.checks import SiteMismatchError
+from federation.checks import PeerMessageError, SiteMismatchError
 from federation.messages import Codec, ModelMessage, round_memo
 from federation.selection import Decision
 from inputs.site_inputs import SiteInputs, load_site_inputs
 from outputs.atomic import copy_file
 from training import evaluate
+from training.label_shift import logit_offset
 from training.local import LocalTraining
 from training.privacy import DPSettings
 
@@ -78,7 +79,12 @@ class Site:
         self.bytes_sent[memo] = self.bytes_sent.get(memo, 0) + size
 
     def summary_message(self):
-        return self.codec.encode_report(self.inputs.summary())
+        """Shapes and counts (with logit_adjustment also the training label counts, which the
+        coordinator sums; under secure aggregation only the sum travels: federation.secure)."""
+        summary = self.inputs.summary()
+        if self.config.logit_adjustment > 0:
+            summary["label_counts"] = self.inputs.label_counts()
+        return self.codec.encode_report(summary)
 
     # ---- federated training -------------------------------------------------------------
     def local_message(self, **meta):
@@ -124,9 +130,24 @@ class Site:
     def receive_global(self, sender, data):
         """Load the coordinator's global model; return its metadata."""
         message = self.codec.decode_global(sender, data)
+        if self.round == 0 and self.config.logit_adjustment > 0:
+            self.start_logit_adjustment(sender, message.meta.get("label_counts"))
         self.load_global(message)
         self.server_control = message.controls
         return message.meta
+
+    def start_logit_adjustment(self, sender, federation_counts):
+        """Train from now on with the offset of this site's label prior against the
+        federation's (training.label_shift). The counts come from the coordinator: a sum that
+        includes this site's own, so none may be below its own."""
+        own = self.inputs.label_counts()
+        if federation_counts is None or len(federation_counts) != len(own) \
+                or any(total < mine for total, mine in zip(federation_counts, own)):
+            shown = "none" if federation_counts is None else f"{len(federation_counts)} counts"
+            raise PeerMessageError(
+                f"the first global model from {sender} carries label counts ({shown}) that cannot be the "
+                f"federation's sum: expected {len(own)}, none below this site's own {own}", sender, "bad label counts")
+        self.local.logit_offset = logit_offset(own, federation_counts, self.config.logit_adjustment)
 
     def load_global(self, message):
         quant.load_float_state(self.local.model, message.weights)

@@ -13,6 +13,23 @@ def check_sites_fit(summaries):
                 sender, "input shape differs")
 
 
+def federation_label_counts(summaries, n_outputs):
+    """logit_adjustment: the sum of the sites' training label counts. Each site must send one
+    count per class score of the model (the same model everywhere: `n_outputs`, the
+    coordinator's), adding up to the n_train it claims."""
+    total = [0] * n_outputs
+    for sender, summary in summaries:
+        counts = summary.get("label_counts")
+        if counts is None or len(counts) != n_outputs or sum(counts) != summary["n_train"]:
+            shown = "none" if counts is None else f"{len(counts)} counts adding up to {sum(counts)}"
+            raise SiteMismatchError(
+                f"site {sender} sent label_counts with {shown}: expected {n_outputs} counts (one per class "
+                f"score of the model) adding up to its n_train {summary['n_train']} (logit_adjustment is set)",
+                sender, "bad label counts")
+        total = [a + b for a, b in zip(total, counts)]
+    return total
+
+
 def weighted_mean(reports, key, weight_key):
     """Mean of `key` over the reports, weighted by `weight_key` (e.g. n_test)."""
     total = sum(report[weight_key] for report in reports)

@@ -26,7 +26,11 @@ MAX_CONFIG_BYTES = 2**20  # a config.yml is a few hundred bytes; this bounds rea
 SHOWN_VALUE_CHARS = 80    # values in error messages are cut to this
 
 DEVICES = ("auto", "cpu", "cuda")
-AUTO_AGGREGATION = "auto"
+AUTO = "auto"
+AUTO_AGGREGATION = AUTO
+# What `logit_adjustment: auto` becomes where the config allows it (README, "Logit adjustment":
+# ahead of 1 and of 0 under label skew on both datasets, level on IID data).
+AUTO_LOGIT_ADJUSTMENT = 0.5
 AGGREGATION_CHOICES = (AUTO_AGGREGATION, *AGGREGATIONS)
 COMMUNICATIONS = ("float32", "int8")
 
@@ -111,6 +115,11 @@ class AppConfig:
     # is evaluated, kept and written (0: the global model itself); training goes on from the
     # global model (README, "Averaging the rounds' models").
     model_ema: float = 0.0
+    # Logit adjustment against label skew (training.label_shift; README, "Logit adjustment"):
+    # every site trains on logits + strength * (log p_site(y) - log p_federation(y)), from its
+    # own and the federation's summed label counts (0: off; auto: AUTO_LOGIT_ADJUSTMENT where
+    # the config allows it, see `resolve_logit_adjustment`).
+    logit_adjustment: float | str = "auto"
 
     @property
     def wants_float_output_layer(self):
@@ -194,6 +203,8 @@ _RULES = {
     "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
     "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
     "model_ema": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)"),
+    "logit_adjustment": ((str, int, float), lambda v: v == AUTO or (_number(v) and 0 <= v <= 1),
+                         "auto, or a number in [0, 1] (0: off; 1: the full correction)"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
@@ -355,6 +366,24 @@ def _scaffold_excluded_by(config, train_function_accepts_control):
     return next((why for excluded, why in exclusions if excluded), None)
 
 
+def resolve_logit_adjustment(config, train_function_accepts_offset):
+    """(config with a numeric `logit_adjustment`, how it was chosen): `auto` becomes
+    AUTO_LOGIT_ADJUSTMENT unless dp is set or a custom train function cannot take the offset
+    (then 0: off); a number set in config.yml is kept. Every site resolves identically."""
+    requested = config.logit_adjustment
+    if requested != AUTO:
+        return config, {"strength": requested, "requested": requested, "reason": "set in config.yml"}
+    exclusions = (
+        (config.dp is not None, "dp is set (the offset comes from the site's label counts)"),
+        (not train_function_accepts_offset,
+         f"train_function {config.train_function} accepts no logit_offset= keyword"),
+    )
+    reason = next((why for excluded, why in exclusions if excluded), None)
+    strength = 0 if reason else AUTO_LOGIT_ADJUSTMENT
+    reason = reason or "no setting excludes it (against label skew; about no change on IID data)"
+    return replace(config, logit_adjustment=strength), {"strength": strength, "requested": AUTO, "reason": reason}
+
+
 def _default_min_cosine(section):
     """With dp the random-direction check is off unless min_cosine is set: DP-SGD's noise makes
     an honest update as unrelated to every other as random noise is (largest |cosine| 0.006
@@ -472,6 +501,10 @@ def _check_privacy(config, path):
             (config.mu != 0,
              "dp does not combine with mu > 0 (FedProx's proximal gradient would bypass Opacus' "
              "per-sample clipping)"),
+            (config.logit_adjustment not in (0, AUTO),
+             "dp does not combine with logit_adjustment (its offset comes from the site's label "
+             "counts, which DP-SGD's per-sample guarantee does not cover; use logit_adjustment: 0 "
+             "or auto)"),
             (config.dp["noise"] == "distributed" and config.aggregation not in ("fedavg", AUTO_AGGREGATION),
              "dp noise: distributed does not combine with aggregation: " + str(config.aggregation)
              + " (its DP-SGD steps on the sum are the training; a server rule on top would step a "

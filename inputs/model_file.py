@@ -85,9 +85,10 @@ def _check_arguments(model_class, kwargs, path, key):
                                f"given in model_kwargs", key=key)
 
 
-def check_model_on_data(model, inputs_batch, n_classes, model_path) -> None:
+def check_model_on_data(model, inputs_batch, n_classes, model_path) -> int:
     """Run the model on a batch of this site's data before any training, so that a model that
-    does not fit the data fails here with the shapes named, not deep inside a training round."""
+    does not fit the data fails here with the shapes named, not deep inside a training round.
+    Returns how many class scores the model gives per sample."""
     shape = tuple(inputs_batch.shape)
     was_training = model.training
     model.eval()  # eval: the check must not update batch-norm statistics
@@ -108,3 +109,4 @@ def check_model_on_data(model, inputs_batch, n_classes, model_path) -> None:
         raise InputError(model_path, f"the model's output has shape {list(outputs.shape)} for a batch of "
                                      f"{shape[0]}; expected [{shape[0]}, >= {n_classes}] since the labels "
                                      f"have {n_classes} classes", key="model")
+    return outputs.shape[1]

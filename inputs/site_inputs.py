@@ -11,13 +11,14 @@ from torch import nn
 from torch.utils.data import Subset
 
 import quant
-from inputs.config import CONFIG_FILE, load_config, resolve_aggregation
+from inputs.config import CONFIG_FILE, load_config, resolve_aggregation, resolve_logit_adjustment
 from inputs.datasets import describe_dataset, load_dataset
 from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
 from inputs.train_function import accepts_keyword, check_train_function_supports, load_train_function
 from inputs.validation_split import split_for_validation
 from training import make_loader, seed_everything, train
+from training.label_shift import label_counts
 from training.privacy import unsupported_layers
 
 
@@ -36,6 +37,9 @@ class SiteInputs:
     validation_info: object = None
     # How config.aggregation was chosen: {rule, requested (auto or the rule), reason}.
     aggregation_choice: dict = None
+    # How config.logit_adjustment was chosen: {strength, requested (auto or the number), reason}.
+    logit_adjustment_choice: dict = None
+    n_outputs: int = None     # the model's class scores per sample (the same at every site)
     float_layers: tuple = ()  # the layers the int8 model keeps in float (float_output_layer)
 
     @property
@@ -53,6 +57,10 @@ class SiteInputs:
                 "input_shape": list(self.train_info.input_shape),
                 "n_classes": max(self.train_info.n_classes, self.test_info.n_classes)}
 
+    def label_counts(self):
+        """How many training samples (validation split left out) each of the model's classes has."""
+        return label_counts(self.train_info.sample_labels, self.n_outputs)
+
 
 def load_site_inputs(input_dir) -> SiteInputs:
     """Read and check everything in `input_dir`; InputError names what is wrong."""
@@ -61,6 +69,7 @@ def load_site_inputs(input_dir) -> SiteInputs:
     train_function = _load_train_function(config, input_dir)
     # aggregation: auto is resolved here, once, before anything reads config.aggregation.
     config, aggregation_choice = resolve_aggregation(config, accepts_keyword(train_function, "control"))
+    config, logit_adjustment_choice = resolve_logit_adjustment(config, accepts_keyword(train_function, "logit_offset"))
     if config.train_function:
         check_train_function_supports(train_function, _keywords_needed(config), input_dir / config.train_function)
     seed_everything(config.seed)
@@ -77,7 +86,7 @@ def load_site_inputs(input_dir) -> SiteInputs:
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
     test_loader = make_loader(test_set, config.batch_size, shuffle=False)
     n_classes = max(train_info.n_classes, test_info.n_classes)
-    check_model_on_data(model, next(iter(train_loader))[0], n_classes, input_dir / config.model)
+    n_outputs = check_model_on_data(model, next(iter(train_loader))[0], n_classes, input_dir / config.model)
     if config.dp is not None:
         problems = unsupported_layers(model)
         if problems:
@@ -88,7 +97,8 @@ def load_site_inputs(input_dir) -> SiteInputs:
     float_layers = _float_layers(config, model, next(iter(test_loader))[0][:1], input_dir / CONFIG_FILE)
     return SiteInputs(input_dir, config, model, train_loader, test_loader, train_info, test_info,
                       train_function, resolve_device(config.device, input_dir / CONFIG_FILE), *validation,
-                      aggregation_choice=aggregation_choice, float_layers=float_layers)
+                      aggregation_choice=aggregation_choice, logit_adjustment_choice=logit_adjustment_choice,
+                      n_outputs=n_outputs, float_layers=float_layers)
 
 
 def _float_layers(config, model, example, config_path):
@@ -132,6 +142,8 @@ def _keywords_needed(config):
         needed["mu"] = needed["global_weights"] = f"config sets mu: {config.mu} (FedProx)"
     if config.aggregation == "scaffold":
         needed["control"] = "config sets aggregation: scaffold"
+    if config.logit_adjustment > 0:
+        needed["logit_offset"] = f"config sets logit_adjustment: {config.logit_adjustment}"
     return needed
 
 

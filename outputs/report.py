@@ -91,6 +91,17 @@ def _aggregation_text(choice):
     return str(choice.get("rule", MISSING))
 
 
+def _logit_adjustment_text(choice):
+    """The strength the run trained with (0: off), and with logit_adjustment: auto why."""
+    if not choice:
+        return MISSING
+    strength = choice.get("strength", MISSING)
+    shown = "off" if strength == 0 else f"strength {strength}"
+    if choice.get("requested") == "auto":
+        return f"{shown} (chosen by logit_adjustment: auto: {choice.get('reason', MISSING)})"
+    return shown
+
+
 def _summary_section(metrics):
     site = metrics.get("site") or {}
     federation = metrics.get("federation") or {}
@@ -108,6 +119,7 @@ def _summary_section(metrics):
                        f"{_count(federation.get('n_test'))} test samples"),
         ("Rounds", _count(len(metrics.get("rounds") or []))),
         ("Aggregation", _aggregation_text(metrics.get("aggregation"))),
+        ("Logit adjustment", _logit_adjustment_text(metrics.get("logit_adjustment"))),
         ("Model written", _selection_text(metrics.get("selection"))),
     ]
     body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"

@@ -33,6 +33,9 @@ def test_metrics_json_and_csv(run):
         # 10 % of each site's training data is its validation split (validation_fraction's default)
         assert metrics["n_train"] + metrics["n_validation"] + metrics["n_test"] in (1666, 1667)
         assert metrics["n_validation"] == 133
+        # logit_adjustment: auto, resolved at every site alike (the report's "Logit adjustment" row)
+        assert metrics["config"]["logit_adjustment"] == 0.5
+        assert metrics["logit_adjustment"]["strength"] == 0.5 and metrics["logit_adjustment"]["requested"] == "auto"
         assert [row["round"] for row in metrics["rounds"]] == [1, 2, 3, 4, 5]
         for row in metrics["rounds"]:
             assert 0 <= row["test_accuracy"] <= 1 and row["train_loss"] > 0

@@ -25,6 +25,7 @@ class LocalTraining:
     scaffold: bool = False       # SCAFFOLD's gradient correction
     optimizer: torch.optim.Optimizer = None  # kept across rounds (keep_optimizer_state)
     control: dict = None         # SCAFFOLD: this site's control variate c_i (None: zeros)
+    logit_offset: torch.Tensor = None  # logit adjustment's offset [classes] (None: off; training.label_shift)
     dp: DPSettings = None        # sample-level DP-SGD (Opacus) for the whole run (None: off)
     total_epochs: float = None   # every epoch of the run (rounds x epochs), for DP's accounting
     private: PrivateTraining | DistributedDPSGD = None
@@ -60,7 +61,8 @@ class LocalTraining:
         with self.on_device() as device:
             call_train_function(self.train_function, self.model, loader, epochs,
                                 self.learning_rate, optimizer=self._round_optimizer(), device=device,
-                                **self._fedprox_arguments(), **({"control": control} if control else {}))
+                                **self._fedprox_arguments(), **({"control": control} if control else {}),
+                                **({"logit_offset": self.logit_offset} if self.logit_offset is not None else {}))
         if control is not None:
             self.control = control.updated_local(
                 {name: parameter.shape for name, parameter in self.model.named_parameters()})

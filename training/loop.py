@@ -13,8 +13,10 @@ the app moves the model there and back), and `mu=0.0, global_weights=None` (FedP
 `mu: 0.01` in config.yml the app passes the round's global parameters by name; add
 `proximal_term(model, global_weights, mu)` to the loss), and `control=None` (SCAFFOLD: with
 `aggregation: scaffold` the app passes a `training.scaffold.ControlVariates`; call
-`control.correct(model)` between `loss.backward()` and `optimizer.step()`). Copy `train` below as a starting
-point. Two rules:
+`control.correct(model)` between `loss.backward()` and `optimizer.step()`), and
+`logit_offset=None` (logit adjustment against label skew, `logit_adjustment` in config.yml: a
+tensor [classes] to add to the logits inside the training loss only, e.g. through
+`training.label_shift.adjusted_logits`). Copy `train` below as a starting point. Two rules:
 
 * Call the model through `forward_quant(model, inputs)`, not `model(inputs)`: with
   `quant_type: qat` the model is prepared for quantization-aware training, and `forward_quant`
@@ -28,13 +30,15 @@ import torch
 from torch import nn
 
 from quant import forward_quant
+from training.label_shift import adjusted_logits
 
 
 def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cpu",
-          mu=0.0, global_weights=None, control=None) -> dict:
+          mu=0.0, global_weights=None, control=None, logit_offset=None) -> dict:
     """Train `model` in place for `epochs` passes over `train_loader` with Adam and cross-entropy
     (+ FedProx's proximal term when `mu` > 0: `global_weights` then maps parameter names to the
-    round's global values; + SCAFFOLD's gradient correction when `control` is given).
+    round's global values; + SCAFFOLD's gradient correction when `control` is given; the loss
+    sees `logits + logit_offset` when an offset is given, training.label_shift).
 
     Returns {"loss": mean loss per sample in the last epoch, "accuracy": its training accuracy}.
     """
@@ -58,7 +62,7 @@ def train(model, train_loader, epochs, learning_rate, optimizer=None, device="cp
             inputs, labels = inputs.to(device), labels.to(device)
             optimizer.zero_grad()
             logits = forward_quant(model, inputs)  # not model(inputs): see the module docstring
-            loss = loss_function(logits, labels)
+            loss = loss_function(logits if logit_offset is None else adjusted_logits(logits, logit_offset), labels)
             objective = loss + proximal_term(model, global_weights, mu) if mu > 0 else loss
             objective.backward()
             if control is not None:
