@@ -44,12 +44,21 @@ class Coordinator:
         summaries = [(sender, self.codec.decode_report(sender, data, "summary")) for sender, data in pieces]
         check_sites_fit(summaries)
         if self.site.config.logit_adjustment > 0:
-            self.label_counts = federation_label_counts(summaries, self.site.inputs.n_outputs)
+            self.label_counts = federation_label_counts(summaries, self.site.inputs.n_outputs,
+                                                        self._label_weights(summaries))
         method = self.site.config.robust_aggregation
         if method != "none" and len(pieces) < robust.MIN_SITES:
             raise SiteMismatchError(
                 f"robust_aggregation: {method} needs at least {robust.MIN_SITES} sites, this federation "
                 f"has {len(pieces)}: with fewer, no method can tell which site is wrong (use none)")
+
+    def _label_weights(self, summaries):
+        """Each site's weight in the averages to come, as `aggregate` gives it (capped claims;
+        equal under the unweighted robust methods), for the federation's label prior."""
+        config, sizes = self.site.config, [summary["n_train"] for _, summary in summaries]
+        if config.robust_aggregation in ("trimmed_mean", "median"):
+            return [1] * len(sizes)
+        return robust.capped_weights(sizes, config.max_site_weight)
 
     def first_global(self):
         """The initial model (with logit_adjustment: carrying the federation's label counts)."""

@@ -138,15 +138,15 @@ class Site:
 
     def start_logit_adjustment(self, sender, federation_counts):
         """Train from now on with the offset of this site's label prior against the
-        federation's (training.label_shift). The counts come from the coordinator: a sum that
-        includes this site's own, so none may be below its own."""
+        federation's (training.label_shift), from the counts the coordinator sent (their
+        range is checked with the message: federation.checks, `global`)."""
         own = self.inputs.label_counts()
-        if federation_counts is None or len(federation_counts) != len(own) \
-                or any(total < mine for total, mine in zip(federation_counts, own)):
-            shown = "none" if federation_counts is None else f"{len(federation_counts)} counts"
+        if federation_counts is None or len(federation_counts) != len(own) or sum(federation_counts) == 0:
+            shown = "none" if federation_counts is None else f"{len(federation_counts)} counts adding up to {sum(federation_counts)}"
             raise PeerMessageError(
                 f"the first global model from {sender} carries label counts ({shown}) that cannot be the "
-                f"federation's sum: expected {len(own)}, none below this site's own {own}", sender, "bad label counts")
+                f"federation's: expected {len(own)} counts (one per class score of the model), not all zero",
+                sender, "bad label counts")
         self.local.logit_offset = logit_offset(own, federation_counts, self.config.logit_adjustment)
 
     def load_global(self, message):

@@ -13,11 +13,17 @@ def check_sites_fit(summaries):
                 sender, "input shape differs")
 
 
-def federation_label_counts(summaries, n_outputs):
-    """logit_adjustment: the sum of the sites' training label counts. Each site must send one
-    count per class score of the model (the same model everywhere: `n_outputs`, the
-    coordinator's), adding up to the n_train it claims."""
-    total = [0] * n_outputs
+def federation_label_counts(summaries, n_outputs, weights=None):
+    """logit_adjustment: the federation's training label counts from the sites' own. Each site
+    must send one count per class score of the model (the same model everywhere: `n_outputs`,
+    the coordinator's), adding up to the n_train it claims.
+
+    `weights`: each site's share of the averaging weight where it is not its n_train (a site
+    over max_site_weight, or an unweighted robust method): then the counts are N * sum_i
+    share_i * p_i(y), the label prior of the model the federation averages, so a site that
+    claims a huge n_train of one class moves the prior no more than its capped weight allows.
+    Without: the plain sums."""
+    sizes = []
     for sender, summary in summaries:
         counts = summary.get("label_counts")
         if counts is None or len(counts) != n_outputs or sum(counts) != summary["n_train"]:
@@ -26,8 +32,14 @@ def federation_label_counts(summaries, n_outputs):
                 f"site {sender} sent label_counts with {shown}: expected {n_outputs} counts (one per class "
                 f"score of the model) adding up to its n_train {summary['n_train']} (logit_adjustment is set)",
                 sender, "bad label counts")
-        total = [a + b for a, b in zip(total, counts)]
-    return total
+        sizes.append(summary["n_train"])
+    if weights is None or list(weights) == sizes:
+        return [sum(column) for column in zip(*(summary["label_counts"] for _, summary in summaries))]
+    shares = [weight / sum(weights) for weight in weights]
+    total = sum(sizes)
+    return [round(total * sum(share * summary["label_counts"][label] / size
+                              for share, size, (_, summary) in zip(shares, sizes, summaries)))
+            for label in range(n_outputs)]
 
 
 def weighted_mean(reports, key, weight_key):

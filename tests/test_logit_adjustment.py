@@ -6,7 +6,9 @@ from torch import nn
 
 from bench.simulate import load_sites, run_rounds
 from federation.checks import PeerMessageError, SiteMismatchError
+from federation import robust
 from federation.coordinator import Coordinator
+from federation.summary import federation_label_counts
 from inputs.config import AUTO_LOGIT_ADJUSTMENT, parse_config, resolve_logit_adjustment
 from inputs.errors import InputError
 from testbed.split import write_client_dirs
@@ -134,14 +136,45 @@ def test_the_coordinator_refuses_counts_that_do_not_add_up_to_n_train(tmp_path):
     assert error.value.sender == 2
 
 
-def test_a_site_refuses_federation_counts_below_its_own(tmp_path):
+@pytest.mark.parametrize("counts", [[0, 0, 0, 0], [5, 5, 5], [1, -1, 1, 1]])
+def test_a_site_refuses_federation_counts_that_cannot_be_the_federations(tmp_path, counts):
     sites = skewed_sites(tmp_path)
     coordinator = Coordinator(sites[0])
     coordinator.check_summaries([(index, site.summary_message()) for index, site in enumerate(sites, start=1)])
-    coordinator.label_counts = [1, 1, 1, 1]  # not a sum that includes any site's own
-    with pytest.raises(PeerMessageError, match="cannot be the federation's sum") as error:
+    coordinator.label_counts = counts
+    with pytest.raises((PeerMessageError, SiteMismatchError), match="label_counts|label counts") as error:
         sites[1].receive_global("coordinator", coordinator.first_global())
     assert error.value.sender == "coordinator"
+    assert sites[1].local.logit_offset is None
+
+
+def summaries_of(label_counts):
+    return [(sender, {"n_train": sum(counts), "label_counts": counts})
+            for sender, counts in enumerate(label_counts, start=1)]
+
+
+def test_a_site_claiming_many_samples_of_one_class_moves_the_prior_no_more_than_its_capped_weight():
+    honest = [[50, 50, 0], [0, 50, 50]]
+    liar = [10 ** 6, 0, 0]
+    summaries = summaries_of([*honest, liar])
+    assert federation_label_counts(summaries, 3) == [10 ** 6 + 50, 100, 50]  # plain sums: class 0 is ~all
+    weights = robust.capped_weights([100, 100, 10 ** 6], 0.5)  # what the averaging gives each
+    total = federation_label_counts(summaries, 3, weights)
+    prior = torch.tensor(total, dtype=torch.float64) / sum(total)
+    # shares 0.25, 0.25, 0.5: p(0) = 0.25 * 0.5 + 0.5 * 1, p(1) = 0.25 * 0.5 + 0.25 * 0.5, p(2) = 0.25 * 0.5
+    assert torch.allclose(prior, torch.tensor([0.625, 0.25, 0.125], dtype=torch.float64), atol=1e-6)
+    # uncapped weights (no site over the cap) give the plain sums, bit for bit
+    assert federation_label_counts(summaries_of(honest * 2), 3, [100] * 4) == [100, 200, 100]
+
+
+def test_the_coordinator_takes_the_prior_with_the_averaging_weights(tmp_path):
+    sites = skewed_sites(tmp_path, robust_aggregation="median")
+    coordinator = Coordinator(sites[0])
+    coordinator.check_summaries([(index, site.summary_message()) for index, site in enumerate(sites, start=1)])
+    summaries = [(index, {"n_train": site.inputs.train_info.n, "label_counts": site.inputs.label_counts()})
+                 for index, site in enumerate(sites, start=1)]
+    equal = federation_label_counts(summaries, 4, [1, 1, 1])  # median: every site alike
+    assert coordinator.label_counts == equal != federation_label_counts(summaries, 4)
 
 
 # ---- config ------------------------------------------------------------------------------

@@ -254,3 +254,12 @@ def test_summary_names_the_layers_kept_in_float(tmp_path, metrics):
     metrics["float_layers"] = ["fc3"]
     summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
     assert summary["Quantization"] == ["post_static (fx mode, x86 backend; fc3 in float)"]
+
+
+def test_summary_says_how_strong_the_logit_adjustment_was_and_why(tmp_path, metrics):
+    metrics["logit_adjustment"] = {"strength": 0.5, "requested": "auto", "reason": "no setting excludes it"}
+    summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
+    assert summary["Logit adjustment"] == ["strength 0.5 (chosen by logit_adjustment: auto: no setting excludes it)"]
+    metrics["logit_adjustment"] = {"strength": 0, "requested": 0, "reason": "set in config.yml"}
+    summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
+    assert summary["Logit adjustment"] == ["off"]
