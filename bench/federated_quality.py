@@ -70,7 +70,8 @@ VARIANTS = {
     # (auto: 0.5); these turn it off or set the full correction.
     "scaffold-la0": {"aggregation": "scaffold", "logit_adjustment": 0},
     "scaffold-la0-20x0.5": {"aggregation": "scaffold", "logit_adjustment": 0, "max_iter": 20, "epochs": 0.5},
-    "scaffold-la1-20x0.5": {"aggregation": "scaffold", "logit_adjustment": 1, "max_iter": 20, "epochs": 0.5},
+    **{f"scaffold-la{strength}-20x0.5": {"aggregation": "scaffold", "logit_adjustment": strength,
+                                         "max_iter": 20, "epochs": 0.5} for strength in (0.25, 1)},
     "fedavg-la0": {"aggregation": "fedavg", "logit_adjustment": 0},
     # The local learning rate around the default 0.005 (README, "Why learning_rate: 0.005").
     **{f"{rule}-lr{rate}": {"aggregation": rule, "learning_rate": rate}
