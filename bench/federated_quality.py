@@ -2,7 +2,8 @@
 
     python -m bench.federated_quality [--datasets mnist,animals] [--sites 3,5,10]
         [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...] [--seeds 3]
-        [--rounds R --epochs E --batch-size B] [--communications float32,int8] [--jobs 2] [--estimate]
+        [--rounds R --epochs E --batch-size B] [--logit-adjustment S] [--communications float32,int8]
+        [--jobs 2] [--estimate]
         [--out bench/results/federated_quality.json]
 
 Each dataset of bench.datasets (mnist: the sample's 5,000 digits; animals: 10,000 animal
@@ -258,10 +259,12 @@ def parse_grid(parser, args):
 
 
 def run_config(args):
-    """The sample's config.yml with --rounds, --epochs and --batch-size where given: every run
-    of the grid (both baselines and the federations) uses it."""
-    overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size}
-    return {**sample_config(), **{key: value for key, value in overrides.items() if value}}
+    """The sample's config.yml with --rounds, --epochs, --batch-size and --logit-adjustment
+    where given: every run of the grid (both baselines and the federations) uses it; a
+    variant's own keys win."""
+    overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size,
+                 "logit_adjustment": args.logit_adjustment}
+    return {**sample_config(), **{key: value for key, value in overrides.items() if value is not None}}
 
 
 def main(argv=None):
@@ -275,6 +278,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="max_iter of every run (default: the sample's)")
     parser.add_argument("--epochs", type=float, help="epochs per round of every run, 0.5: half a pass (default: the sample's)")
     parser.add_argument("--batch-size", type=int, help="batch_size of every run (default: the sample's)")
+    parser.add_argument("--logit-adjustment", type=float,
+                        help="logit_adjustment of every run (default: the app's, auto); 0 reproduces the tables "
+                             "measured before it existed")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--estimate", action="store_true", help="time one run, estimate the grid, stop")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

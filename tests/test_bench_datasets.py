@@ -74,13 +74,15 @@ def test_a_run_that_stops_is_a_row_of_its_own_and_the_grid_goes_on(monkeypatch, 
     assert "1 seed(s) stopped: UpdateError: x" in text and "stopped in every seed: UpdateError: x" in text
 
 
-def test_rounds_epochs_and_batch_size_flags_set_every_run_of_the_grid():
+def test_rounds_epochs_batch_size_and_logit_adjustment_flags_set_every_run_of_the_grid():
     from argparse import Namespace
 
     from bench import federated_quality
 
     sample = federated_quality.sample_config()
-    config = federated_quality.run_config(Namespace(rounds=None, epochs=3, batch_size=16))
+    config = federated_quality.run_config(Namespace(rounds=None, epochs=3, batch_size=16, logit_adjustment=0.0))
     assert config["batch_size"] == 16 and config["epochs"] == 3
+    assert config["logit_adjustment"] == 0  # 0 is a value (off), not "not given"
     assert config["max_iter"] == sample["max_iter"] and config["model"] == sample["model"]
-    assert federated_quality.run_config(Namespace(rounds=None, epochs=None, batch_size=None)) == sample
+    unset = Namespace(rounds=None, epochs=None, batch_size=None, logit_adjustment=None)
+    assert federated_quality.run_config(unset) == sample
