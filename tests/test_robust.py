@@ -263,6 +263,7 @@ def test_weight_cap():
 
 def coordinator(features=4, **settings):
     settings.setdefault("aggregation", "fedavg")  # what `auto` resolves to when loading inputs
+    settings.setdefault("logit_adjustment", 0)    # likewise (this site has no inputs to count)
     config = AppConfig(model="m.py", train_dataset="a.pth", test_dataset="b.pth", **settings)
     model = torch.nn.Linear(features, 2)
     codec = Codec()
