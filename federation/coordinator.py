@@ -43,22 +43,17 @@ class Coordinator:
         _check_senders(pieces, "summary")
         summaries = [(sender, self.codec.decode_report(sender, data, "summary")) for sender, data in pieces]
         check_sites_fit(summaries)
-        if self.site.config.logit_adjustment > 0:
-            self.label_counts = federation_label_counts(summaries, self.site.inputs.n_outputs,
-                                                        self._label_weights(summaries))
-        method = self.site.config.robust_aggregation
+        config = self.site.config
+        method = config.robust_aggregation
         if method != "none" and len(pieces) < robust.MIN_SITES:
             raise SiteMismatchError(
                 f"robust_aggregation: {method} needs at least {robust.MIN_SITES} sites, this federation "
                 f"has {len(pieces)}: with fewer, no method can tell which site is wrong (use none)")
-
-    def _label_weights(self, summaries):
-        """Each site's weight in the averages to come, as `aggregate` gives it (capped claims;
-        equal under the unweighted robust methods), for the federation's label prior."""
-        config, sizes = self.site.config, [summary["n_train"] for _, summary in summaries]
-        if config.robust_aggregation in ("trimmed_mean", "median"):
-            return [1] * len(sizes)
-        return robust.capped_weights(sizes, config.max_site_weight)
+        if config.logit_adjustment > 0:
+            # The label prior of the model the federation builds: the averaging's own weights.
+            weights = robust.averaging_weights([summary["n_train"] for _, summary in summaries], method,
+                                               config.max_site_weight)
+            self.label_counts = federation_label_counts(summaries, self.site.inputs.n_outputs, weights)
 
     def first_global(self):
         """The initial model (with logit_adjustment: carrying the federation's label counts)."""
@@ -78,7 +73,7 @@ class Coordinator:
         config = self.site.config
         kept_updates = [updates[index] for index in kept]
         shares = robust.capped_weights([update.meta["n_train"] for update in kept_updates], config.max_site_weight)
-        self._record_weights(senders, updates, kept, shares, config.robust_aggregation)
+        self._record_weights(senders, updates, kept)
         combined = robust.COMBINE[config.robust_aggregation](previous.weights, [u.weights for u in kept_updates], shares)
         weights = self.rule.step(previous.weights, combined, self.site.parameter_names())
         controls = weighted_average([u.controls for u in kept_updates], shares) if updates[0].controls else {}
@@ -121,11 +116,12 @@ class Coordinator:
         row["n_train"] = update.meta["n_train"]
         return row
 
-    def _record_weights(self, senders, updates, kept, weights, method):
+    def _record_weights(self, senders, updates, kept):
         """Each site's claimed n_train and its share of this round's averaging weight."""
-        shares = [1 / len(kept)] * len(kept) if method in ("trimmed_mean", "median") else \
-            [weight / sum(weights) for weight in weights]
-        share_of = dict(zip(kept, shares))
+        config = self.site.config
+        weights = robust.averaging_weights([updates[index].meta["n_train"] for index in kept],
+                                           config.robust_aggregation, config.max_site_weight)
+        share_of = dict(zip(kept, (weight / sum(weights) for weight in weights)))
         for index, (sender, update) in enumerate(zip(senders, updates)):
             self._site_row(sender, update)["weight"] = share_of.get(index, 0.0)
 

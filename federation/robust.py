@@ -210,6 +210,15 @@ def capped_weights(sizes, cap):
         capped |= over
 
 
+def averaging_weights(sizes, method, cap):
+    """Each site's weight in what `method` builds from claimed sample counts `sizes`: equal
+    under the unweighted per-coordinate methods (trimmed_mean, median), else the capped claims
+    (`capped_weights`: `sizes` itself when no share is over the cap)."""
+    if method in ("trimmed_mean", "median"):
+        return [1] * len(sizes)
+    return capped_weights(sizes, cap)
+
+
 def _per_coordinate(states, combine):
     """Apply `combine(stacked float64 values)` per floating-point entry; counters: the largest."""
     result = {}
