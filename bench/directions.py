@@ -2,7 +2,7 @@
 `min_cosine`'s default (docs/robustness.md, federation.robust.find_random_updates).
 
     python -m bench.directions [--splits iid,dirichlet-0.5,dirichlet-0.1,sample] [--seeds 0,1]
-        [--epochs 2] [--rounds 5] [--aggregation auto] [--out bench/results/directions.json] [--jobs 2]
+        [--epochs 2] [--rounds 5] [--aggregation auto] [--batch-size B] [--out bench/results/directions.json] [--jobs 2]
 
 Honest federations only, the noise and distance checks switched off so that every round
 runs: the sample's 5,000 digits re-split into 5 sites (`testbed.split`: IID, Dirichlet 0.5
@@ -11,8 +11,8 @@ they are, the default run). Every update of every round is recorded as it leaves
 Two tables per run. The first: each honest update's cosine with the coordinate-wise median of
 the other sites' changes (how far apart sites point), and what site 2 would have measured
 sending random noise of its update's norm, or its update sign-flipped. The second, what the
-random-direction check judges: each change's largest |cosine| with another site's change or
-its own change the round before, honest against noise (fresh each round), and how many of
+random-direction check judges: each change's largest |cosine| with another site's change, its
+own change the round before or the federation's last step, honest against noise (fresh each round), and how many of
 each the check flags at the default min_cosine (from round 2: a site's first update is not
 judged). `--dataset animals` and `--sites` re-split the animal silhouettes or another number
 of sites.
@@ -65,30 +65,33 @@ def _attack_changes(previous, states, generator):
 
 def _round_cosines(per_round, generator):
     """Per round: the honest cosines against the others' median, each honest change's largest
-    |cosine| with another site's change or its own previous one (what the random-direction
-    check judges, robust.largest_cosines), and for each attack on site 2 the same two figures."""
-    rows, last = [], None
+    |cosine| with another site's change, its own previous one or the federation's last step
+    (what the random-direction check judges, robust.largest_cosines), and for each attack on
+    site 2 the same two figures."""
+    rows, last, last_global = [], None, None
     for previous, states in per_round:
         changes = robust.update_changes(previous, states)
         attacks = _attack_changes(previous, states, generator)
         own_last = last["honest"] if last else [None] * len(changes)
+        last_step = robust.update_changes(last_global, [previous])[0] if last_global else None
         row = {"honest": robust.update_cosines(previous, states),
-               "honest_largest": robust.largest_cosines(changes, own_last)}
+               "honest_largest": robust.largest_cosines(changes, own_last, last_step)}
         for attack, hostile in attacks.items():
             attacked = [changes[0], hostile, *changes[2:]]
             row[attack] = robust.median_cosines(attacked)[1]
             row[attack + "_largest"] = robust.largest_cosines(
-                attacked, [own_last[0], last and last[attack], *own_last[2:]])[1]
+                attacked, [own_last[0], last and last[attack], *own_last[2:]], last_step)[1]
         rows.append(row)
-        last = {"honest": changes, **attacks}
+        last, last_global = {"honest": changes, **attacks}, previous
     return rows
 
 
 def run_split(job):
     """One honest federation: per round, the honest cosines and the attacks' cosines."""
-    split, seed, epochs, rounds_n, aggregation, dataset, n_sites = job
+    split, seed, epochs, rounds_n, aggregation, dataset, n_sites, batch_size = job
     torch.set_num_threads(1)
-    overrides = {**CHECKS_OFF, "epochs": epochs, "max_iter": rounds_n, "seed": 42 + seed, "aggregation": aggregation}
+    overrides = {**CHECKS_OFF, "epochs": epochs, "max_iter": rounds_n, "seed": 42 + seed, "aggregation": aggregation,
+                 **({"batch_size": batch_size} if batch_size else {})}
     with tempfile.TemporaryDirectory() as work_dir:
         clients, generic = _federation(split, seed, Path(work_dir), dataset, n_sites)
         sites = load_sites(clients, generic, overrides)
@@ -131,8 +134,8 @@ def table(runs):
 
 def random_direction_table(runs, min_cosine=DEFAULT_MIN_COSINE):
     """The random-direction check (robust.find_random_updates) on every recorded round: each
-    change's largest |cosine| with another site's change or its own previous one, honest
-    against noise, and how many each the check flags at min_cosine. A site's first update is
+    change's largest |cosine| with another site's change, its own previous one or the
+    federation's last step, honest against noise, and how many each the check flags at min_cosine. A site's first update is
     not judged: round 1 is shown apart."""
     lines = ["| split | honest lowest, round 2+ | in round | honest lowest, round 1 (not judged) | "
              "noise highest, round 2+ | bound | honest flagged | noise flagged |", "|---|---|---|---|---|---|---|---|"]
@@ -154,16 +157,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=float, default=2, help="epochs per round (0.5: half an epoch)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--aggregation", default="auto", help="the aggregation rule (config.yml's key)")
     parser.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
     parser.add_argument("--sites", type=int, default=5, help="sites of the re-split federations")
+    parser.add_argument("--batch-size", type=int, default=None, help="the sample's 32 unless given")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation, args.dataset, args.sites)
+    jobs = [(split, seed, args.epochs, args.rounds, args.aggregation, args.dataset, args.sites, args.batch_size)
             for split in args.splits.split(",") for seed in (seeds if SPLITS[split][0] else seeds[:1])]
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
@@ -172,7 +176,8 @@ def main(argv=None):
     print(f"{time.perf_counter() - started:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"epochs": args.epochs, "rounds": args.rounds, "aggregation": args.aggregation,
-                                    "dataset": args.dataset, "sites": args.sites, "runs": runs}, indent=2))
+                                    "dataset": args.dataset, "sites": args.sites,
+                                    "batch_size": args.batch_size, "runs": runs}, indent=2))
     print(f"written to {args.out}")
 
 

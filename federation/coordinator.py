@@ -33,6 +33,7 @@ class Coordinator:
         self._update_meta = []   # this round's update figures, for its row
         self.sites = {}          # sender -> what it claimed and what weight it got (the `final` message)
         self._last_changes = {}  # sender -> its update's change of the round before (the noise check)
+        self._last_step = None   # the global model's change the round before (the noise check)
         self.label_counts = None  # logit_adjustment: the federation's training label counts
 
     @property
@@ -76,6 +77,7 @@ class Coordinator:
         self._record_weights(senders, updates, kept)
         combined = robust.COMBINE[config.robust_aggregation](previous.weights, [u.weights for u in kept_updates], shares)
         weights = self.rule.step(previous.weights, combined, self.site.parameter_names())
+        self._remember_step(previous.weights, weights)
         controls = weighted_average([u.controls for u in kept_updates], shares) if updates[0].controls else {}
         observers = merge_calibration([u.observers for u in kept_updates])
         latest = self.rounds[-1]["test_accuracy"] if self.rounds else None  # for the status pages
@@ -109,7 +111,12 @@ class Coordinator:
             return []
         last = [self._last_changes.get(sender) for sender in senders]
         self._last_changes = {sender: change.float() for sender, change in zip(senders, changes)}
-        return robust.find_random_updates(changes, last, self.site.config.min_cosine)
+        return robust.find_random_updates(changes, last, self.site.config.min_cosine, self._last_step)
+
+    def _remember_step(self, previous, next_global):
+        """The global model's change this round, for the next round's random-direction check."""
+        if self.site.config.min_cosine is not None:
+            self._last_step = robust.update_changes(previous, [next_global])[0].float()
 
     def _site_row(self, sender, update):
         row = self.sites.setdefault(str(sender), {"id": sender, "n_train": 0, "weight": 0.0, "excluded_rounds": []})
@@ -185,8 +192,8 @@ def _outlier_error(config, senders, far, noise):
     return UpdateError(
         f"update from site {senders[index]} looks like random noise: its change from the previous "
         f"global model has no cosine similarity above {bound:.3f} in absolute value with any other "
-        f"site's change or its own change the round before (largest {largest:.3f}; min_cosine "
-        f"{config.min_cosine:g}); a hostile or broken site (to turn the check off: set "
+        f"site's change, its own change the round before or the federation's last step (largest "
+        f"{largest:.3f}; min_cosine {config.min_cosine:g}); a hostile or broken site (to turn the check off: set "
         f"min_cosine: null in config.yml)",
         senders[index], "update looks like noise")
 

@@ -89,8 +89,8 @@ class AppConfig:
     # share of the averaging weight any one site gets, whatever n_train it claims (from 3 sites
     # on; null: no cap). The random-direction check: an update whose change has |cosine| below
     # min_cosine (or a random direction's 4 standard deviations, if smaller) with every other
-    # site's change and with its own change the round before is flagged like a distance outlier
-    # (from 3 sites; null: off).
+    # site's change, its own change the round before and the federation's last step is flagged
+    # like a distance outlier (from 3 sites; null: off).
     robust_aggregation: str = "none"
     outlier_factor: float | None = 4.0
     min_cosine: float | None = 0.02
