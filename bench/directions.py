@@ -12,9 +12,9 @@ Two tables per run. The first: each honest update's cosine with the coordinate-w
 the other sites' changes (how far apart sites point), and what site 2 would have measured
 sending random noise of its update's norm, or its update sign-flipped. The second, what the
 random-direction check judges: each change's largest |cosine| with another site's change, its
-own change the round before or the federation's last step, honest against noise (fresh each round), and how many of
-each the check flags at the default min_cosine (from round 2: a site's first update is not
-judged). `--dataset animals` and `--sites` re-split the animal silhouettes or another number
+own change the round before or the federation's last step, honest against noise (fresh each
+round), and how many of each the check flags at the default min_cosine (from round 2: a
+site's first update is not judged). `--dataset animals` and `--sites` re-split the animal silhouettes or another number
 of sites.
 """
 import argparse
@@ -135,8 +135,8 @@ def table(runs):
 def random_direction_table(runs, min_cosine=DEFAULT_MIN_COSINE):
     """The random-direction check (robust.find_random_updates) on every recorded round: each
     change's largest |cosine| with another site's change, its own previous one or the
-    federation's last step, honest against noise, and how many each the check flags at min_cosine. A site's first update is
-    not judged: round 1 is shown apart."""
+    federation's last step, honest against noise, and how many each the check flags at
+    min_cosine. A site's first update is not judged: round 1 is shown apart."""
     lines = ["| split | honest lowest, round 2+ | in round | honest lowest, round 1 (not judged) | "
              "noise highest, round 2+ | bound | honest flagged | noise flagged |", "|---|---|---|---|---|---|---|---|"]
     for split in dict.fromkeys(run["split"] for run in runs):
