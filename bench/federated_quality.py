@@ -67,9 +67,9 @@ VARIANTS = {
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
-    # With batch 8 (README, "Small sites"): half the learning rate, as for a quarter of the batch.
-    "scaffold-ema0.5-20x0.5-lr0.0025": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 20, "epochs": 0.5,
-                                        "learning_rate": 0.0025},
+    # With batch 8 (README, "Small sites"): half or twice the learning rate.
+    **{f"scaffold-ema0.5-20x0.5-lr{rate}": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 20,
+                                            "epochs": 0.5, "learning_rate": rate} for rate in (0.0025, 0.01)},
     # Logit adjustment (README, "Logit adjustment"): the variants above train with the default
     # (auto: 0.5); these turn it off or set the full correction.
     "scaffold-la0": {"aggregation": "scaffold", "logit_adjustment": 0},
