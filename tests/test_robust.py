@@ -240,6 +240,7 @@ def test_noisy_honest_changes_are_kept_if_they_follow_the_federations_last_step(
     # 0.014 measured at batch 8, 3 animal sites), but it follows the federation's last step,
     # where the sites' noise has averaged out (0.117 and 0.035 measured).
     last_step = noise_like(torch.ones(60_000, dtype=torch.float64), seed=20)
+
     def noisy_honest(seed):
         return [0.1 * last_step + noise_like(last_step, seed=seed + site) for site in range(3)]
     changes, last = noisy_honest(30), noisy_honest(40)
