@@ -2,7 +2,8 @@
 
     python -m bench.federated_quality [--datasets mnist,animals] [--sites 3,5,10]
         [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...] [--seeds 3]
-        [--rounds R --epochs E --batch-size B] [--logit-adjustment S] [--communications float32,int8]
+        [--rounds R --epochs E --batch-size B] [--logit-adjustment S] [--learning-rate-schedule S]
+        [--communications float32,int8]
         [--jobs 2] [--estimate]
         [--out bench/results/federated_quality.json]
 
@@ -64,6 +65,7 @@ VARIANTS = {
     "scaffold-m0.3-20x0.5": {"aggregation": "scaffold", "server_momentum": 0.3, "max_iter": 20, "epochs": 0.5},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models").
     "scaffold-ema0.5": {"aggregation": "scaffold", "model_ema": 0.5},
+    "scaffold-ema0.5-cosine": {"aggregation": "scaffold", "model_ema": 0.5, "learning_rate_schedule": "cosine"},
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
@@ -262,11 +264,11 @@ def parse_grid(parser, args):
 
 
 def run_config(args):
-    """The sample's config.yml with --rounds, --epochs, --batch-size and --logit-adjustment
-    where given: every run of the grid (both baselines and the federations) uses it; a
+    """The sample's config.yml with --rounds, --epochs, --batch-size, --logit-adjustment and
+    --learning-rate-schedule where given: every run of the grid (both baselines and the federations) uses it; a
     variant's own keys win."""
     overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "logit_adjustment": args.logit_adjustment}
+                 "logit_adjustment": args.logit_adjustment, "learning_rate_schedule": args.learning_rate_schedule}
     return {**sample_config(), **{key: value for key, value in overrides.items() if value is not None}}
 
 
@@ -284,6 +286,8 @@ def main(argv=None):
     parser.add_argument("--logit-adjustment", type=float,
                         help="logit_adjustment of every run (default: the app's, auto); 0 reproduces the tables "
                              "measured before it existed")
+    parser.add_argument("--learning-rate-schedule", choices=("constant", "cosine"),
+                        help="learning_rate_schedule of every run (default: the app's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--estimate", action="store_true", help="time one run, estimate the grid, stop")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -104,6 +104,7 @@ class Site:
         if model is not self.local.model:
             self.local.replace_model(model)
             self.evaluated_global = None  # model_ema's average restarts with the new model
+        self.local.set_learning_rate(self.config.round_learning_rate(self.round))
         return self.round
 
     def train_round(self):

@@ -9,6 +9,7 @@ of a few lines expands to gigabytes), so are duplicate keys (the last would sile
 values are shown cut to 80 characters in error messages, and numbers that set how much work
 a site does have upper bounds that say why.
 """
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ AUTO_AGGREGATION = AUTO
 AUTO_LOGIT_ADJUSTMENT = 0.5
 AGGREGATION_CHOICES = (AUTO_AGGREGATION, *AGGREGATIONS)
 COMMUNICATIONS = ("float32", "int8")
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,17 @@ class AppConfig:
     # own and the federation's summed label counts (0: off; auto: AUTO_LOGIT_ADJUSTMENT where
     # the config allows it, see `resolve_logit_adjustment`).
     logit_adjustment: float | str = "auto"
+    # How the local learning rate changes over the rounds (README, "Learning-rate schedule"):
+    # constant, or cosine: round r of R trains at learning_rate * (1 + cos(pi (r - 1) / R)) / 2,
+    # from the full rate in round 1 down to a small one in the last.
+    learning_rate_schedule: str = "constant"
+
+    def round_learning_rate(self, round_number):
+        """The local learning rate of round `round_number` (1-based)."""
+        if self.learning_rate_schedule == "constant":
+            return self.learning_rate
+        progress = (round_number - 1) / self.max_iter
+        return self.learning_rate * (1 + math.cos(math.pi * progress)) / 2
 
     @property
     def wants_float_output_layer(self):
@@ -205,6 +218,8 @@ _RULES = {
     "model_ema": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)"),
     "logit_adjustment": ((str, int, float), lambda v: v == AUTO or (_number(v) and 0 <= v <= 1),
                          "auto, or a number in [0, 1] (0: off; 1: the full correction)"),
+    "learning_rate_schedule": ((str,), lambda v: v in LEARNING_RATE_SCHEDULES,
+                               f"one of {', '.join(LEARNING_RATE_SCHEDULES)}"),
 }
 KNOWN_KEYS = tuple(f.name for f in fields(AppConfig))
 assert set(KNOWN_KEYS) == set(_RULES), "every config key needs a validation rule"
@@ -505,6 +520,9 @@ def _check_privacy(config, path):
              "dp does not combine with logit_adjustment (its offset comes from the site's label "
              "counts, which DP-SGD's per-sample guarantee does not cover; use logit_adjustment: 0 "
              "or auto)"),
+            (config.learning_rate_schedule != "constant",
+             f"dp does not combine with learning_rate_schedule: {config.learning_rate_schedule} "
+             "(DP-SGD trains at dp's own learning_rate; use learning_rate_schedule: constant)"),
             (config.dp["noise"] == "distributed" and config.aggregation not in ("fedavg", AUTO_AGGREGATION),
              "dp noise: distributed does not combine with aggregation: " + str(config.aggregation)
              + " (its DP-SGD steps on the sum are the training; a server rule on top would step a "

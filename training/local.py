@@ -39,6 +39,13 @@ class LocalTraining:
         optimizer would update the old ones."""
         self.model, self.optimizer = model, None
 
+    def set_learning_rate(self, learning_rate):
+        """Train at `learning_rate` from now on (a schedule over the rounds); the kept optimizer
+        keeps its state and takes the new rate."""
+        self.learning_rate = learning_rate
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = learning_rate
+
     def parameter_names(self):
         return [name for name, _ in self.model.named_parameters()]
 
