@@ -1,7 +1,7 @@
 """Centralized vs federated fp32 accuracy on real data, per dataset, split, site count and rule.
 
     python -m bench.federated_quality [--datasets mnist,animals] [--sites 3,5,10]
-        [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...] [--seeds 3]
+        [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...|none] [--seeds 3]
         [--rounds R --epochs E --batch-size B] [--logit-adjustment S] [--learning-rate-schedule S]
         [--communications float32,int8]
         [--jobs 2] [--estimate]
@@ -65,7 +65,6 @@ VARIANTS = {
     "scaffold-m0.3-20x0.5": {"aggregation": "scaffold", "server_momentum": 0.3, "max_iter": 20, "epochs": 0.5},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models").
     "scaffold-ema0.5": {"aggregation": "scaffold", "model_ema": 0.5},
-    "scaffold-ema0.5-cosine": {"aggregation": "scaffold", "model_ema": 0.5, "learning_rate_schedule": "cosine"},
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
@@ -252,7 +251,9 @@ def estimate(grid, n_seeds, config, variants, communications):
 def parse_grid(parser, args):
     """(dataset, split, sites) triples from the comma-separated flags; unknown names refused."""
     datasets, splits = args.datasets.split(","), args.splits.split(",")
-    variants, communications = args.variants.split(","), args.communications.split(",")
+    # none: the two baselines alone (e.g. a centralized recipe with another schedule or batch)
+    variants = [] if args.variants == "none" else args.variants.split(",")
+    communications = args.communications.split(",")
     for names, known in ((datasets, DATASETS), (splits, SPLITS), (variants, VARIANTS),
                          (communications, COMMUNICATIONS)):
         unknown = [name for name in names if name not in known]
@@ -277,7 +278,7 @@ def main(argv=None):
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--sites", default=",".join(map(str, SITES)))
-    parser.add_argument("--variants", default=",".join(RULES))
+    parser.add_argument("--variants", default=",".join(RULES), help="comma-separated VARIANTS, or none: the baselines alone")
     parser.add_argument("--communications", default="float32")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, help="max_iter of every run (default: the sample's)")

@@ -74,15 +74,29 @@ def test_a_run_that_stops_is_a_row_of_its_own_and_the_grid_goes_on(monkeypatch, 
     assert "1 seed(s) stopped: UpdateError: x" in text and "stopped in every seed: UpdateError: x" in text
 
 
-def test_rounds_epochs_batch_size_and_logit_adjustment_flags_set_every_run_of_the_grid():
+def test_rounds_epochs_batch_size_logit_adjustment_and_schedule_flags_set_every_run_of_the_grid():
     from argparse import Namespace
 
     from bench import federated_quality
 
     sample = federated_quality.sample_config()
-    config = federated_quality.run_config(Namespace(rounds=None, epochs=3, batch_size=16, logit_adjustment=0.0))
-    assert config["batch_size"] == 16 and config["epochs"] == 3
+    config = federated_quality.run_config(Namespace(rounds=None, epochs=3, batch_size=16, logit_adjustment=0.0,
+                                                    learning_rate_schedule="cosine"))
+    assert config["batch_size"] == 16 and config["epochs"] == 3 and config["learning_rate_schedule"] == "cosine"
     assert config["logit_adjustment"] == 0  # 0 is a value (off), not "not given"
     assert config["max_iter"] == sample["max_iter"] and config["model"] == sample["model"]
-    unset = Namespace(rounds=None, epochs=None, batch_size=None, logit_adjustment=None)
+    unset = Namespace(rounds=None, epochs=None, batch_size=None, logit_adjustment=None, learning_rate_schedule=None)
     assert federated_quality.run_config(unset) == sample
+
+
+def test_variants_none_runs_the_baselines_alone():
+    import argparse
+
+    from bench import federated_quality
+
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(datasets="mnist", splits="iid", sites="3", variants="none", communications="float32")
+    grid, variants, _ = federated_quality.parse_grid(parser, args)
+    assert grid == [("mnist", "iid", 3)] and variants == {}
+    with pytest.raises(SystemExit):
+        federated_quality.parse_grid(parser, argparse.Namespace(**{**vars(args), "variants": "nonsense"}))
