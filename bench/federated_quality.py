@@ -266,8 +266,8 @@ def parse_grid(parser, args):
 
 def run_config(args):
     """The sample's config.yml with --rounds, --epochs, --batch-size, --logit-adjustment and
-    --learning-rate-schedule where given: every run of the grid (both baselines and the federations) uses it; a
-    variant's own keys win."""
+    --learning-rate-schedule where given: every run of the grid (both baselines and the
+    federations) uses it; a variant's own keys win."""
     overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size,
                  "logit_adjustment": args.logit_adjustment, "learning_rate_schedule": args.learning_rate_schedule}
     return {**sample_config(), **{key: value for key, value in overrides.items() if value is not None}}
