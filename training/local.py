@@ -43,8 +43,9 @@ class LocalTraining:
         """Train at `learning_rate` from now on (a schedule over the rounds); the kept optimizer
         keeps its state and takes the new rate."""
         self.learning_rate = learning_rate
-        for group in self.optimizer.param_groups if self.optimizer is not None else ():
-            group["lr"] = learning_rate
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
 
     def parameter_names(self):
         return [name for name, _ in self.model.named_parameters()]
