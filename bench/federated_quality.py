@@ -64,8 +64,8 @@ VARIANTS = {
     # SCAFFOLD with server momentum (README, "Server momentum with SCAFFOLD").
     "scaffold-m0.3-20x0.5": {"aggregation": "scaffold", "server_momentum": 0.3, "max_iter": 20, "epochs": 0.5},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
-    # and 0.85 for rounds of a quarter and an eighth of an epoch (README, "Quarter-epoch rounds").
-    **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7, 0.85)},
+    # for rounds of a quarter epoch (README, "Quarter-epoch rounds").
+    **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7)},
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
