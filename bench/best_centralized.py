@@ -50,9 +50,10 @@ def gap_rows(federated, best):
                 for variant, run in runs.items():
                     if variant in BASELINES:
                         continue
-                    gap = mean_percent(run["accuracy"]["runs"]) - central
+                    accuracy = mean_percent(run["accuracy"]["runs"])
+                    gap = accuracy - central
                     rows.append({"file": name, "dataset": dataset, "setting": setting, "variant": variant,
-                                 "accuracy": mean_percent(run["accuracy"]["runs"]), "best_centralized": central,
+                                 "accuracy": accuracy, "best_centralized": central,
                                  "best_centralized_file": central_file, "gap": gap,
                                  "max_drop": mean_percent(run["max_drop"]["runs"]),
                                  "within_goal": gap >= -GOALS[setting.split("/")[0]]})
