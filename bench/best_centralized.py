@@ -34,6 +34,8 @@ def best_centralized(results):
     for name, result in results.items():
         for dataset, settings in result["datasets"].items():
             for setting, runs in settings.items():
+                if "accuracy" not in runs["central"]:
+                    continue  # stopped in every seed: no baseline
                 accuracy = mean_percent(runs["central"]["accuracy"]["runs"])
                 if accuracy > best.get((dataset, setting), (float("-inf"), None))[0]:
                     best[dataset, setting] = (accuracy, name)
@@ -41,7 +43,8 @@ def best_centralized(results):
 
 
 def gap_rows(federated, best):
-    """One row per federated run of `federated` ({file name: JSON}) with its gap to `best`."""
+    """One row per federated run of `federated` ({file name: JSON}) with its gap to `best`;
+    a run stopped in every seed has no accuracy, so its row says `stopped` and has no gap."""
     rows = []
     for name, result in federated.items():
         for dataset, settings in result["datasets"].items():
@@ -49,6 +52,10 @@ def gap_rows(federated, best):
                 central, central_file = best[dataset, setting]
                 for variant, run in runs.items():
                     if variant in BASELINES:
+                        continue
+                    if "accuracy" not in run:
+                        rows.append({"file": name, "dataset": dataset, "setting": setting, "variant": variant,
+                                     "stopped": run["stopped"], "within_goal": False})
                         continue
                     accuracy = mean_percent(run["accuracy"]["runs"])
                     gap = accuracy - central
@@ -60,6 +67,21 @@ def gap_rows(federated, best):
     return rows
 
 
+def load(parser, paths):
+    """{path as given: JSON}; keyed by the whole path, so that same-named files from two folders
+    stay two. A file that is not bench.federated_quality's stops with its name."""
+    results = {}
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"{path}: cannot read it as JSON ({error})")
+        if not isinstance(result, dict) or not isinstance(result.get("datasets"), dict):
+            parser.error(f"{path}: not a bench.federated_quality JSON (no 'datasets' key)")
+        results[str(path)] = result
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("federated", nargs="+", type=Path, help="federated_quality JSONs whose federations to score")
@@ -67,14 +89,17 @@ def main(argv=None):
                         help="more federated_quality JSONs whose centralized runs are candidates")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    load = lambda paths: {path.name: json.loads(path.read_text()) for path in paths}
-    federated = load(args.federated)
-    candidates = {**load(args.baselines), **federated}
+    federated = load(parser, args.federated)
+    candidates = {**load(parser, args.baselines), **federated}
     best = best_centralized(candidates)
     rows = gap_rows(federated, best)
     print(f"{'dataset':8s} {'setting':17s} {'run':32s} {'fed %':>6s} {'best central %':>14s} {'gap':>6s} "
           f"{'drop':>5s}  best centralized from")
     for row in rows:
+        if "stopped" in row:
+            print(f"{row['dataset']:8s} {row['setting']:17s} {row['variant']:32s} stopped in every seed: "
+                  f"{row['stopped']}")
+            continue
         mark = "*" if row["within_goal"] else " "
         print(f"{row['dataset']:8s} {row['setting']:17s} {row['variant']:32s} {row['accuracy']:6.1f} "
               f"{row['best_centralized']:14.1f} {row['gap']:+5.1f}{mark} {row['max_drop']:5.1f}  "

@@ -1,6 +1,8 @@
 """bench.best_centralized: the gap of each federation to the best centralized recipe measured."""
 import json
 
+import pytest
+
 from bench.best_centralized import best_centralized, gap_rows, main
 
 
@@ -45,4 +47,33 @@ def test_the_command_prints_the_count_and_writes_the_rows(tmp_path, capsys):
     main([str(federated), "--baselines", str(baseline), "--out", str(out)])
     assert "within the goal: 1 of 2" in capsys.readouterr().out
     written = json.loads(out.read_text())
-    assert written["files"] == ["batch8.json", "cosine.json"] and len(written["rows"]) == 2
+    assert written["files"] == [str(federated), str(baseline)] and len(written["rows"]) == 2
+
+
+def test_same_named_files_from_two_folders_are_two_candidates(tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    federated, baseline = tmp_path / "a" / "run.json", tmp_path / "b" / "run.json"
+    federated.write_text(json.dumps(WEAK_BATCH8))
+    baseline.write_text(json.dumps(STRONG_COSINE))
+    main([str(federated), "--baselines", str(baseline), "--out", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert {row["setting"]: row["best_centralized_file"] for row in rows}["iid/10"] == str(baseline)
+
+
+def test_a_file_that_is_not_federated_quality_s_is_refused_by_name(tmp_path, capsys):
+    other = tmp_path / "privacy.json"
+    other.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        main([str(other), "--out", str(tmp_path / "out.json")])
+    assert f"{other}: not a bench.federated_quality JSON" in capsys.readouterr().err
+
+
+def test_a_run_stopped_in_every_seed_is_listed_without_a_gap(tmp_path, capsys):
+    stopped = _result({"iid/10": {"central": [0.9] * 3, "scaffold": [0.9] * 3}})
+    stopped["datasets"]["animals"]["iid/10"]["scaffold"] = {"stopped": ["site 3: far from the others"] * 3}
+    path = tmp_path / "stopped.json"
+    path.write_text(json.dumps(stopped))
+    main([str(path), "--out", str(tmp_path / "out.json")])
+    assert "stopped in every seed" in capsys.readouterr().out
+    row, = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert row["stopped"] and not row["within_goal"] and "gap" not in row
