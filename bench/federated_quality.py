@@ -63,7 +63,9 @@ VARIANTS = {
     "scaffold-20x0.5": {"aggregation": "scaffold", "max_iter": 20, "epochs": 0.5},
     # SCAFFOLD with server momentum (README, "Server momentum with SCAFFOLD").
     "scaffold-m0.3-20x0.5": {"aggregation": "scaffold", "server_momentum": 0.3, "max_iter": 20, "epochs": 0.5},
-    "scaffold-m0.3-ema0.7": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.7},
+    # With quarter-epoch rounds and model_ema 0.7 (README, "Server momentum at quarter-epoch rounds").
+    **{f"scaffold-m{momentum}-ema0.7": {"aggregation": "scaffold", "server_momentum": momentum, "model_ema": 0.7}
+       for momentum in (0.3, 0.5)},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
     # for rounds of a quarter epoch (README, "Quarter-epoch rounds").
     **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7)},
