@@ -66,6 +66,8 @@ VARIANTS = {
     # With quarter-epoch rounds and model_ema 0.7 (README, "Server momentum at quarter-epoch rounds").
     **{f"scaffold-m{momentum}-ema0.7": {"aggregation": "scaffold", "server_momentum": momentum, "model_ema": 0.7}
        for momentum in (0.3, 0.5)},
+    # Eighth-epoch rounds (80 x 0.125): the average over about as many epochs as 0.7 at 40 x 0.25.
+    "scaffold-m0.3-ema0.85": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.85},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
     # for rounds of a quarter epoch (README, "Quarter-epoch rounds").
     **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7)},
