@@ -44,18 +44,20 @@ def best_centralized(results):
 
 def gap_rows(federated, best):
     """One row per federated run of `federated` ({file name: JSON}) with its gap to `best`;
-    a run stopped in every seed has no accuracy, so its row says `stopped` and has no gap."""
+    a run stopped in every seed has no accuracy, and a setting whose centralized runs all
+    stopped has no baseline: their rows say `stopped` (why) and have no gap."""
     rows = []
     for name, result in federated.items():
         for dataset, settings in result["datasets"].items():
             for setting, runs in settings.items():
-                central, central_file = best[dataset, setting]
+                central, central_file = best.get((dataset, setting), (None, None))
                 for variant, run in runs.items():
                     if variant in BASELINES:
                         continue
-                    if "accuracy" not in run:
+                    if "accuracy" not in run or central is None:
+                        stopped = run.get("stopped") or ["the centralized baseline stopped in every seed"]
                         rows.append({"file": name, "dataset": dataset, "setting": setting, "variant": variant,
-                                     "stopped": run["stopped"], "within_goal": False})
+                                     "stopped": stopped, "within_goal": False})
                         continue
                     accuracy = mean_percent(run["accuracy"]["runs"])
                     gap = accuracy - central

@@ -50,8 +50,9 @@ def test_the_command_prints_the_count_and_writes_the_rows(tmp_path, capsys):
     assert written["files"] == [str(federated), str(baseline)] and len(written["rows"]) == 2
 
 
-def test_same_named_files_from_two_folders_are_two_candidates(tmp_path, capsys):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+def test_same_named_files_from_two_folders_are_two_candidates(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     federated, baseline = tmp_path / "a" / "run.json", tmp_path / "b" / "run.json"
     federated.write_text(json.dumps(WEAK_BATCH8))
     baseline.write_text(json.dumps(STRONG_COSINE))
@@ -77,3 +78,10 @@ def test_a_run_stopped_in_every_seed_is_listed_without_a_gap(tmp_path, capsys):
     assert "stopped in every seed" in capsys.readouterr().out
     row, = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert row["stopped"] and not row["within_goal"] and "gap" not in row
+
+
+def test_a_setting_whose_centralized_runs_all_stopped_has_no_gap():
+    no_baseline = _result({"iid/10": {"scaffold": [0.9] * 3}})
+    no_baseline["datasets"]["animals"]["iid/10"]["central"] = {"stopped": ["quantization failed"] * 3}
+    row, = gap_rows({"run.json": no_baseline}, best_centralized({"run.json": no_baseline}))
+    assert row["stopped"] == ["the centralized baseline stopped in every seed"] and not row["within_goal"]
