@@ -9,7 +9,8 @@ another recipe (batch 32 where the federation trains at 8, a falling learning ra
 taken to a weaker baseline flatters the federation. This takes, for every (dataset, setting),
 the centralized run with the highest mean accuracy over its seeds among all the files given
 (federated ones included), and prints every federated run's gap to it, the largest
-round-to-round drop, and whether the gap is within the goal (README, "Federated training
+round-to-round drops (`max_drop` from round 3, `late_drop` over the second half of the rounds,
+"-" in JSONs written before it existed), and whether the gap is within the goal (README, "Federated training
 quality"). The best is chosen by its mean, not seed by seed: the highest of several noisy runs
 per seed would raise the bar by their noise alone.
 """
@@ -65,6 +66,8 @@ def gap_rows(federated, best):
                                  "accuracy": accuracy, "best_centralized": central,
                                  "best_centralized_file": central_file, "gap": gap,
                                  "max_drop": mean_percent(run["max_drop"]["runs"]),
+                                 # JSONs from before late_drop existed have none
+                                 "late_drop": mean_percent(run["late_drop"]["runs"]) if "late_drop" in run else None,
                                  "within_goal": gap >= -GOALS[setting.split("/")[0]]})
     return rows
 
@@ -96,15 +99,16 @@ def main(argv=None):
     best = best_centralized(candidates)
     rows = gap_rows(federated, best)
     print(f"{'dataset':8s} {'setting':17s} {'run':32s} {'fed %':>6s} {'best central %':>14s} {'gap':>6s} "
-          f"{'drop':>5s}  best centralized from")
+          f"{'drop':>5s} {'late':>5s}  best centralized from")
     for row in rows:
         if "stopped" in row:
             print(f"{row['dataset']:8s} {row['setting']:17s} {row['variant']:32s} stopped in every seed: "
                   f"{row['stopped']}")
             continue
         mark = "*" if row["within_goal"] else " "
+        late = "-" if row["late_drop"] is None else f"{row['late_drop']:.1f}"
         print(f"{row['dataset']:8s} {row['setting']:17s} {row['variant']:32s} {row['accuracy']:6.1f} "
-              f"{row['best_centralized']:14.1f} {row['gap']:+5.1f}{mark} {row['max_drop']:5.1f}  "
+              f"{row['best_centralized']:14.1f} {row['gap']:+5.1f}{mark} {row['max_drop']:5.1f} {late:>5s}  "
               f"{row['best_centralized_file']}")
     print(f"* within the goal: {sum(row['within_goal'] for row in rows)} of {len(rows)}")
     args.out.write_text(json.dumps({"rows": rows, "files": sorted(candidates)}, indent=2))

@@ -37,7 +37,14 @@ def test_gaps_are_taken_to_the_best_recipe_and_judged_by_the_splits_goal():
     assert not iid["within_goal"]  # 2.2 points short: outside IID's 1 point, though ahead of its own baseline
     skewed = rows["dirichlet-0.1/10"]
     assert abs(skewed["gap"] + 4.0) < 1e-6 and skewed["within_goal"]  # Dirichlet 0.1 allows 5
-    assert abs(skewed["max_drop"] - 10.0) < 1e-6
+    assert abs(skewed["max_drop"] - 10.0) < 1e-6 and skewed["late_drop"] is None  # a JSON without late_drop
+
+
+def test_late_drop_is_reported_where_the_json_has_it():
+    result = _result({"dirichlet-0.1/10": {"central": [0.90] * 3, "scaffold": [0.88] * 3}})
+    result["datasets"]["animals"]["dirichlet-0.1/10"]["scaffold"]["late_drop"] = {"runs": [0.02, 0.04, 0.06]}
+    (row,) = gap_rows({"late.json": result}, best_centralized({"late.json": result}))
+    assert abs(row["late_drop"] - 4.0) < 1e-6 and abs(row["max_drop"] - 10.0) < 1e-6
 
 
 def test_the_command_prints_the_count_and_writes_the_rows(tmp_path, capsys):

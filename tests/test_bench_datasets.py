@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.datasets import DATASETS, pooled_animals, read_ndarray
-from bench.federated_quality import max_site_drop
+from bench.federated_quality import late_site_drop, max_site_drop
 
 
 def test_animals_are_ten_balanced_classes_of_28x28_images_in_unit_range():
@@ -50,8 +50,21 @@ def test_max_drop_counts_only_the_converging_part_of_a_run():
     assert abs(max_site_drop([[0.5, 0.6, 0.9, 0.8]], [100]) - 0.1) < 1e-9  # 100 test samples count
 
 
+def test_late_drop_counts_the_second_half_of_the_rounds_whatever_their_number():
+    early = [0.2, 0.3, 0.6, 0.4] + [0.7] * 36                  # 40 rounds: round 3 -> 4 falls 20 points
+    late = [0.2, 0.3, 0.6, 0.7] + [0.8] * 16 + [0.9, 0.8] + [0.85] * 18   # round 21 -> 22 falls 10
+    assert abs(max_site_drop([early], [300]) - 0.2) < 1e-9
+    assert late_site_drop([early], [300]) == 0.0
+    assert abs(late_site_drop([early, late], [300, 300]) - 0.1) < 1e-9
+    assert late_site_drop([late], [50]) == 0.0                  # too few test samples, as max_drop
+    collapse = [0.5, 0.6, 0.84, 0.86, 0.70]                     # 5 rounds: the half is round 3, as max_drop
+    assert abs(late_site_drop([collapse], [300]) - 0.16) < 1e-9
+    ten_rounds = [0.5, 0.6, 0.7, 0.5] + [0.8] * 6               # round 3 -> 4 of 10: before the half (5)
+    assert late_site_drop([ten_rounds], [300]) == 0.0 and max_site_drop([ten_rounds], [300]) > 0.19
+
+
 def _figures(accuracy):
-    return {"accuracy": accuracy, "max_drop": 0.0, "bytes_per_round": 1000}
+    return {"accuracy": accuracy, "max_drop": 0.0, "late_drop": 0.0, "bytes_per_round": 1000}
 
 
 def test_a_run_that_stops_is_a_row_of_its_own_and_the_grid_goes_on(monkeypatch, tmp_path):
