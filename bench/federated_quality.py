@@ -71,8 +71,9 @@ VARIANTS = {
     # Eighth-epoch rounds (80 x 0.125): the average over about as many epochs as 0.7 at 40 x 0.25.
     "scaffold-m0.3-ema0.85": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.85},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
-    # for rounds of a quarter epoch (README, "Quarter-epoch rounds").
-    **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7)},
+    # for rounds of a quarter epoch (README, "Quarter-epoch rounds"), 0.85 against the late drops
+    # under strong skew (README, "Drops in the second half of a run").
+    **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7, 0.85)},
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
