@@ -9,9 +9,9 @@ another recipe (batch 32 where the federation trains at 8, a falling learning ra
 taken to a weaker baseline flatters the federation. This takes, for every (dataset, setting),
 the centralized run with the highest mean accuracy over its seeds among all the files given
 (federated ones included), and prints every federated run's gap to it, the largest
-round-to-round drops (`max_drop` from round 3, `late_drop` over the second half of the rounds,
-"-" in JSONs written before it existed), and whether the gap is within the goal (README, "Federated training
-quality"). The best is chosen by its mean, not seed by seed: the highest of several noisy runs
+round-to-round drops (`max_drop` from round 3, `late_drop` over the second half of the
+rounds, "-" in JSONs written before it existed), and whether the gap is within the goal
+(README, "Federated training quality"). The best is chosen by its mean, not seed by seed: the highest of several noisy runs
 per seed would raise the bar by their noise alone.
 """
 import argparse
