@@ -11,8 +11,8 @@ the centralized run with the highest mean accuracy over its seeds among all the 
 (federated ones included), and prints every federated run's gap to it, the largest
 round-to-round drops (`max_drop` from round 3, `late_drop` over the second half of the
 rounds, "-" in JSONs written before it existed), and whether the gap is within the goal
-(README, "Federated training quality"). The best is chosen by its mean, not seed by seed: the highest of several noisy runs
-per seed would raise the bar by their noise alone.
+(README, "Federated training quality"). The best is chosen by its mean, not seed by seed: the
+highest of several noisy runs per seed would raise the bar by their noise alone.
 """
 import argparse
 import json
