@@ -70,7 +70,12 @@ VARIANTS = {
        for momentum in (0.3, 0.5)},
     # Eighth-epoch rounds (80 x 0.125): the average over about as many epochs as 0.7 at 40 x 0.25;
     # at 40 x 0.25 a longer average against the late drops (README, "Drops in the second half").
-    "scaffold-m0.3-ema0.85": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.85},
+    **{f"scaffold-m{momentum}-ema0.85": {"aggregation": "scaffold", "server_momentum": momentum, "model_ema": 0.85}
+       for momentum in (0.3, 0.5)},
+    # The same without SCAFFOLD's correction, whose control variates at IID sites are only noise.
+    "fedavgm-0.3-ema0.85": {"aggregation": "fedavgm", "server_momentum": 0.3, "model_ema": 0.85},
+    # Sixteenth-epoch rounds (160 x 0.0625): the same span of epochs again (README, "Shorter rounds").
+    "scaffold-m0.3-ema0.925": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.925},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
     # for rounds of a quarter epoch (README, "Quarter-epoch rounds").
     **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7)},
