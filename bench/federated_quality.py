@@ -72,13 +72,15 @@ VARIANTS = {
     # at 40 x 0.25 a longer average against the late drops (README, "Drops in the second half").
     **{f"scaffold-m{momentum}-ema0.85": {"aggregation": "scaffold", "server_momentum": momentum, "model_ema": 0.85}
        for momentum in (0.3, 0.5)},
-    # The same without SCAFFOLD's correction, whose control variates at IID sites are only noise.
+    # The same without SCAFFOLD's correction, at IID sites (README, "Beyond eighth-epoch rounds").
     "fedavgm-0.3-ema0.85": {"aggregation": "fedavgm", "server_momentum": 0.3, "model_ema": 0.85},
-    # Sixteenth-epoch rounds (160 x 0.0625): the same span of epochs again (README, "Shorter rounds").
+    # Sixteenth-epoch rounds (160 x 0.0625; the average over as many epochs as 0.85 at 80 x 0.125),
+    # and at 80 x 0.125 a longer average against late swings (README, "Beyond eighth-epoch rounds").
     "scaffold-m0.3-ema0.925": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.925},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
-    # for rounds of a quarter epoch (README, "Quarter-epoch rounds").
-    **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7)},
+    # for rounds of a quarter epoch (README, "Quarter-epoch rounds"), 0.85 for an eighth at 3 sites
+    # (README, "Beyond eighth-epoch rounds").
+    **{f"scaffold-ema{decay}": {"aggregation": "scaffold", "model_ema": decay} for decay in (0.5, 0.7, 0.85)},
     "scaffold-ema0.5-10x1": {"aggregation": "scaffold", "model_ema": 0.5, "max_iter": 10, "epochs": 1},
     **{f"scaffold-ema{decay}-20x0.5": {"aggregation": "scaffold", "model_ema": decay, "max_iter": 20, "epochs": 0.5}
        for decay in (0.5, 0.7)},
