@@ -3,6 +3,7 @@
     python -m bench.federated_quality [--datasets mnist,animals] [--sites 3,5,10]
         [--splits iid,dirichlet-0.1,dirichlet-0.5] [--variants fedavg,fedavgm,...|none] [--seeds 3]
         [--rounds R --epochs E --batch-size B] [--logit-adjustment S] [--learning-rate-schedule S]
+        [--model data/models/mnist_bn_model.py]
         [--communications float32,int8]
         [--jobs 2] [--estimate]
         [--out bench/results/federated_quality.json]
@@ -11,7 +12,7 @@ Each dataset of bench.datasets (mnist: the sample's 5,000 digits; animals: 10,00
 silhouettes) is pooled and re-split with `testbed.split.split_dataset` (20 % of each site held
 out for testing) into IID or Dirichlet(alpha) label-skewed federations. Every run uses the
 sample's config.yml (LeNet, batch 32, Adam lr 0.005, 5 rounds x 2 epochs unless --rounds /
---epochs / --batch-size) and is scored on the union of the sites' test splits (the federation's
+--epochs / --batch-size; another model file for 1x28x28 inputs and 10 classes with --model) and is scored on the union of the sites' test splits (the federation's
 weighted test accuracy). Two centralized baselines, one site holding the union of the train splits:
   central        the same epochs (equal passes over the data);
   central-steps  as many optimizer steps as the mean site takes in the federation
@@ -292,11 +293,14 @@ def parse_grid(parser, args):
 
 
 def run_config(args):
-    """The sample's config.yml with --rounds, --epochs, --batch-size, --logit-adjustment and
-    --learning-rate-schedule where given: every run of the grid (both baselines and the
-    federations) uses it; a variant's own keys win."""
+    """The sample's config.yml with --rounds, --epochs, --batch-size, --logit-adjustment,
+    --learning-rate-schedule and --model where given: every run of the grid (both baselines and
+    the federations) uses it; a variant's own keys win. --model becomes an absolute path, which
+    write_setting's `SAMPLE / "generic" / model` leaves as it is."""
+    model = str(args.model.resolve()) if args.model else None
     overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "logit_adjustment": args.logit_adjustment, "learning_rate_schedule": args.learning_rate_schedule}
+                 "logit_adjustment": args.logit_adjustment, "learning_rate_schedule": args.learning_rate_schedule,
+                 "model": model}
     return {**sample_config(), **{key: value for key, value in overrides.items() if value is not None}}
 
 
@@ -316,10 +320,13 @@ def main(argv=None):
                              "measured before it existed")
     parser.add_argument("--learning-rate-schedule", choices=("constant", "cosine"),
                         help="learning_rate_schedule of every run (default: the app's)")
+    parser.add_argument("--model", type=Path, help="model .py (class Model) of every run (default: the sample's LeNet)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--estimate", action="store_true", help="time one run, estimate the grid, stop")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.model and not args.model.is_file():
+        parser.error(f"--model {args.model}: file not found")
     grid, variants, communications = parse_grid(parser, args)
     config = run_config(args)
     if args.estimate:

@@ -94,11 +94,12 @@ def test_rounds_epochs_batch_size_logit_adjustment_and_schedule_flags_set_every_
 
     sample = federated_quality.sample_config()
     config = federated_quality.run_config(Namespace(rounds=None, epochs=3, batch_size=16, logit_adjustment=0.0,
-                                                    learning_rate_schedule="cosine"))
+                                                    learning_rate_schedule="cosine", model=None))
     assert config["batch_size"] == 16 and config["epochs"] == 3 and config["learning_rate_schedule"] == "cosine"
     assert config["logit_adjustment"] == 0  # 0 is a value (off), not "not given"
     assert config["max_iter"] == sample["max_iter"] and config["model"] == sample["model"]
-    unset = Namespace(rounds=None, epochs=None, batch_size=None, logit_adjustment=None, learning_rate_schedule=None)
+    unset = Namespace(rounds=None, epochs=None, batch_size=None, logit_adjustment=None, learning_rate_schedule=None,
+                      model=None)
     assert federated_quality.run_config(unset) == sample
 
 
@@ -113,3 +114,25 @@ def test_variants_none_runs_the_baselines_alone():
     assert grid == [("mnist", "iid", 3)] and variants == {}
     with pytest.raises(SystemExit):
         federated_quality.parse_grid(parser, argparse.Namespace(**{**vars(args), "variants": "nonsense"}))
+
+
+def test_model_flag_trains_every_run_of_the_grid_with_that_model_file(tmp_path):
+    from argparse import Namespace
+
+    import yaml
+
+    from bench import federated_quality
+    from inputs.config import APP_KEY
+
+    model_file = federated_quality.SAMPLE.parent / "models" / "mnist_bn_model.py"
+    config = federated_quality.run_config(Namespace(rounds=1, epochs=1, batch_size=32, logit_adjustment=None,
+                                                    learning_rate_schedule=None, model=model_file))
+    inputs, labels = DATASETS["mnist"]()
+    federated_quality.write_setting(inputs[:1000], labels[:1000], "iid", 3, 0, config, tmp_path)
+    for run in ("federated", "central", "central-steps"):
+        generic = tmp_path / run / "generic"
+        assert (generic / model_file.name).read_bytes() == model_file.read_bytes()
+        assert yaml.safe_load((generic / "config.yml").read_text())[APP_KEY]["model"] == model_file.name
+    sites = federated_quality.load_sites(sorted((tmp_path / "federated").glob("client_*")), tmp_path / "federated" / "generic")
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in sites[0].local.model.modules())
+    assert federated_quality.run_federation(tmp_path / "central", {})["accuracy"] > 0.5  # it trains
