@@ -23,7 +23,9 @@ Per row: mean and sample standard deviation over the seeds (seed s: split seed s
 of any site's test accuracy in the converging part of the run (`max_drop`: from round 3 on, at
 sites with >= 100 test samples; a collapsing run shows here, not in the last round), and the
 same over the second half of the rounds (`late_drop`: round 3 of 5, as max_drop, but round 20
-of 40: the same share of the passes whatever the rounds' length).
+of 40: the same share of the passes whatever the rounds' length), and the last round's training
+loss (`train_loss`, the sites' mean over their steps, weighted by training samples: how far the
+run fitted its data).
 
 The federation runs in one process with the app's own pieces in the order the states use them
 (bench.simulate: Site, Coordinator, the payload bytes), so bytes per round are the app's.
@@ -101,7 +103,7 @@ VARIANTS = {
 }
 RULES = ("fedavg", "fedavgm", "fedadam", "fedprox", "scaffold")  # the default variants
 COMMUNICATIONS = ("float32", "int8")
-FIGURES = ("accuracy", "gap_central", "gap_central_steps", "max_drop", "late_drop", "bytes_per_round")
+FIGURES = ("accuracy", "gap_central", "gap_central_steps", "max_drop", "late_drop", "train_loss", "bytes_per_round")
 
 
 def setting_name(split, n_sites):
@@ -142,7 +144,8 @@ def run_federation(federation_dir, overrides):
     except (PeerMessageError, QuantizationError) as error:
         return {"stopped": f"{type(error).__name__}: {error}"}
     accuracies, counts = result["site_test_accuracy"], result["site_test_counts"]
-    return {**result, "max_drop": max_site_drop(accuracies, counts), "late_drop": late_site_drop(accuracies, counts)}
+    return {**result, "max_drop": max_site_drop(accuracies, counts), "late_drop": late_site_drop(accuracies, counts),
+            "train_loss": result["rounds"][-1]["train_loss"]}
 
 
 # `max_drop` looks at the converging part of a run only: from round SETTLED_ROUND on (on a
@@ -212,6 +215,7 @@ def run_figures(per_seed, run):
         values["gap_central_steps"].append(result["accuracy"] - seed_results["central-steps"]["accuracy"])
         values["max_drop"].append(result["max_drop"])
         values["late_drop"].append(result["late_drop"])
+        values["train_loss"].append(result["train_loss"])
         values["bytes_per_round"].append(result["bytes_per_round"])
     if not values["accuracy"]:
         return {"stopped": stopped}
@@ -241,7 +245,7 @@ def run_benchmark(grid, n_seeds, config, variants, communications=("float32",), 
 
 def table(results):
     lines = [f"{'dataset':<8} {'setting':<16} {'run':<22} {'accuracy %':>14} {'vs central':>14} "
-             f"{'vs equal steps':>14} {'max drop':>9} {'late drop':>9}"]
+             f"{'vs equal steps':>14} {'max drop':>9} {'late drop':>9} {'train loss':>10}"]
     for dataset, settings in results["datasets"].items():
         for setting, runs in settings.items():
             for run, figures in runs.items():
@@ -253,7 +257,8 @@ def table(results):
                 accuracy = figures["accuracy"]
                 lines.append(f"{dataset:<8} {setting:<16} {run:<22} {100 * accuracy['mean']:>6.2f} +-"
                              f"{100 * accuracy['std']:<5.2f} {cells[0]:>14} {cells[1]:>14} "
-                             f"{100 * figures['max_drop']['mean']:>9.2f} {100 * figures['late_drop']['mean']:>9.2f}"
+                             f"{100 * figures['max_drop']['mean']:>9.2f} {100 * figures['late_drop']['mean']:>9.2f} "
+                             f"{figures['train_loss']['mean']:>10.3f}"
                              + (f"  ({len(figures['stopped'])} seed(s) stopped: {figures['stopped'][0]})"
                                 if figures["stopped"] else ""))
     return "\n".join(lines)

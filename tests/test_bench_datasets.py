@@ -64,7 +64,7 @@ def test_late_drop_counts_the_second_half_of_the_rounds_whatever_their_number():
 
 
 def _figures(accuracy):
-    return {"accuracy": accuracy, "max_drop": 0.0, "late_drop": 0.0, "bytes_per_round": 1000}
+    return {"accuracy": accuracy, "max_drop": 0.0, "late_drop": 0.0, "train_loss": 0.5, "bytes_per_round": 1000}
 
 
 def test_a_run_that_stops_is_a_row_of_its_own_and_the_grid_goes_on(monkeypatch, tmp_path):
@@ -135,4 +135,5 @@ def test_model_flag_trains_every_run_of_the_grid_with_that_model_file(tmp_path):
         assert yaml.safe_load((generic / "config.yml").read_text())[APP_KEY]["model"] == model_file.name
     sites = federated_quality.load_sites(sorted((tmp_path / "federated").glob("client_*")), tmp_path / "federated" / "generic")
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in sites[0].local.model.modules())
-    assert federated_quality.run_federation(tmp_path / "central", {})["accuracy"] > 0.5  # it trains
+    central = federated_quality.run_federation(tmp_path / "central", {})
+    assert central["accuracy"] > 0.5 and 0 < central["train_loss"] < 1.5  # it trains, and says how far
