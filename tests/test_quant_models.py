@@ -21,6 +21,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # The seed's models as users get them: the sample's LeNet (1x28x28) and the CIFAR-10 net.
 LeNet = import_python_file(REPO / "data" / "sample" / "generic" / "mnist_model.py", "model").Model
 CifarModel = import_python_file(REPO / "data" / "models" / "cifar_model.py", "model").Model
+# The benchmarks' LeNets with BatchNorm and with GroupNorm (README, "With BatchNorm").
+BnLeNet = import_python_file(REPO / "data" / "models" / "mnist_bn_model.py", "model").Model
+GnLeNet = import_python_file(REPO / "data" / "models" / "mnist_gn_model.py", "model").Model
 
 
 class CifarNet(nn.Module):
@@ -195,7 +198,8 @@ def relative_error(reference, output):
 
 # --- tests: models that quantize --------------------------------------------------
 
-TRACEABLE = [(LeNet, (1, 28, 28)), (CifarModel, (3, 32, 32)), (CifarNet, (3, 32, 32)), (BnResidualNet, (1, 28, 28)), (DropoutNet, (1, 28, 28))]
+TRACEABLE = [(LeNet, (1, 28, 28)), (CifarModel, (3, 32, 32)), (CifarNet, (3, 32, 32)), (BnResidualNet, (1, 28, 28)),
+             (DropoutNet, (1, 28, 28)), (BnLeNet, (1, 28, 28)), (GnLeNet, (1, 28, 28))]
 
 
 def _quantize(model, batches, backend, quant_type):
