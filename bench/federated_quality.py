@@ -12,8 +12,9 @@ Each dataset of bench.datasets (mnist: the sample's 5,000 digits; animals: 10,00
 silhouettes) is pooled and re-split with `testbed.split.split_dataset` (20 % of each site held
 out for testing) into IID or Dirichlet(alpha) label-skewed federations. Every run uses the
 sample's config.yml (LeNet, batch 32, Adam lr 0.005, 5 rounds x 2 epochs unless --rounds /
---epochs / --batch-size; another model file for 1x28x28 inputs and 10 classes with --model) and is scored on the union of the sites' test splits (the federation's
-weighted test accuracy). Two centralized baselines, one site holding the union of the train splits:
+--epochs / --batch-size; --model: another model file for 1x28x28 inputs and 10 classes) and is
+scored on the union of the sites' test splits (the federation's weighted test accuracy). Two
+centralized baselines, one site holding the union of the train splits:
   central        the same epochs (equal passes over the data);
   central-steps  as many optimizer steps as the mean site takes in the federation
                  (rounds x epochs x ceil(n_site / batch)): fewer samples seen, K times fewer
