@@ -1,5 +1,5 @@
 """The sample's LeNet with BatchNorm after each convolution, for 1x28x28 images: the model the
-benchmarks use to check the batch-size advice on a network with BatchNorm (README, "Small sites").
+benchmarks use to check the batch-size advice on a network with BatchNorm (README, "With BatchNorm").
 Use it with `model: mnist_bn_model.py` where `mnist_model.py` fits."""
 import torch
 from torch import nn
