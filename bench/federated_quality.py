@@ -85,6 +85,10 @@ VARIANTS = {
     # (README, "Beyond eighth-epoch rounds").
     **{f"scaffold-m0.3-ema0.85-lr{rate}": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.85,
                                           "learning_rate": rate} for rate in (0.0025, 0.0035, 0.0075, 0.01)},
+    # ... and at larger server steps: the sites' average of short rounds moves like one large batch,
+    # which wants a larger step than each site's (README, "Beyond eighth-epoch rounds").
+    **{f"scaffold-m0.3-ema0.85-slr{rate}": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.85,
+                                           "server_learning_rate": rate} for rate in (1.5, 2, 3)},
     # The moving average of the rounds' global models (README, "Averaging the rounds' models"); 0.7
     # for rounds of a quarter epoch (README, "Quarter-epoch rounds"), 0.85 for an eighth at 3 sites
     # (README, "Beyond eighth-epoch rounds").
