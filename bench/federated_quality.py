@@ -81,8 +81,8 @@ VARIANTS = {
     # Sixteenth-epoch rounds (160 x 0.0625; the average over as many epochs as 0.85 at 80 x 0.125),
     # and at 80 x 0.125 a longer average against late swings (README, "Beyond eighth-epoch rounds").
     "scaffold-m0.3-ema0.925": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.925},
-    # Eighth-epoch rounds at other local rates: the 10 IID animal sites under-fit their data
-    # (README, "Beyond eighth-epoch rounds").
+    # Eighth-epoch rounds at other local rates: tries at the 10 IID animal sites, which fit
+    # their training data less closely than centralized training (README, "Beyond eighth-epoch rounds").
     **{f"scaffold-m0.3-ema0.85-lr{rate}": {"aggregation": "scaffold", "server_momentum": 0.3, "model_ema": 0.85,
                                           "learning_rate": rate} for rate in (0.0025, 0.0035, 0.0075, 0.01)},
     # ... and at larger server steps: the sites' average of short rounds moves like one large batch,
