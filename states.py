@@ -196,7 +196,8 @@ class WriteResults(FederatedState):
                                 privacy=privacy_report(site, self.channel.secure),
                                 selection=selection_report(site.decision, site.config.max_iter, site.config.model_ema),
                                 aggregation=site.inputs.aggregation_choice, float_layers=site.recipe.float_layers,
-                                logit_adjustment=site.inputs.logit_adjustment_choice)
+                                logit_adjustment=site.inputs.logit_adjustment_choice,
+                                model_ema=site.inputs.model_ema_choice)
         write_results(OUTPUT_DIR, site.inputs.config_file, site.recipe.float_model, metrics, site.predictions)
         live_status.update(finished=True, results={
             "site": {"fp32": metrics["fp32"], "int8": metrics["int8"]},

@@ -310,12 +310,14 @@ def run_config(args):
     """The sample's config.yml with --rounds, --epochs, --batch-size, --logit-adjustment,
     --learning-rate-schedule and --model where given: every run of the grid (both baselines and
     the federations) uses it; a variant's own keys win. --model becomes an absolute path, which
-    write_setting's `SAMPLE / "generic" / model` leaves as it is."""
+    write_setting's `SAMPLE / "generic" / model` leaves as it is. `model_ema` is 0 unless a variant
+    names it (the app's default, auto, depends on --epochs): the baselines and the variants without
+    an average were measured so, and every table's command gives its figures again."""
     model = str(args.model.resolve()) if args.model else None
     overrides = {"max_iter": args.rounds, "epochs": args.epochs, "batch_size": args.batch_size,
                  "logit_adjustment": args.logit_adjustment, "learning_rate_schedule": args.learning_rate_schedule,
                  "model": model}
-    return {**sample_config(), **{key: value for key, value in overrides.items() if value is not None}}
+    return {**sample_config(), "model_ema": 0, **{key: value for key, value in overrides.items() if value is not None}}
 
 
 def main(argv=None):

@@ -32,6 +32,11 @@ AUTO_AGGREGATION = AUTO
 # What `logit_adjustment: auto` becomes where the config allows it (README, "Logit adjustment":
 # ahead of 1 and of 0 under label skew on both datasets, level on IID data).
 AUTO_LOGIT_ADJUSTMENT = 0.5
+# What `model_ema: auto` becomes: (longest round in epochs, decay), the decay measured best for
+# that round length, where the average spans about one epoch of training (README, "Averaging the
+# rounds' models"); a round length between two measured ones takes the longer one's decay (the
+# shorter average); rounds longer than half an epoch: 0 (behind with 5 x 2, mixed at 10 x 1).
+AUTO_MODEL_EMA = ((0.0625, 0.925), (0.125, 0.85), (0.25, 0.7), (0.5, 0.5))
 AGGREGATION_CHOICES = (AUTO_AGGREGATION, *AGGREGATIONS)
 COMMUNICATIONS = ("float32", "int8")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
@@ -115,8 +120,9 @@ class AppConfig:
     patience: int = 0
     # The exponential moving average of the rounds' global models, with this decay, is what
     # is evaluated, kept and written (0: the global model itself); training goes on from the
-    # global model (README, "Averaging the rounds' models").
-    model_ema: float = 0.0
+    # global model (README, "Averaging the rounds' models"); auto: by the round length, see
+    # `resolve_model_ema`.
+    model_ema: float | str = "auto"
     # Logit adjustment against label skew (training.label_shift; README, "Logit adjustment"):
     # every site trains on logits + strength * (log p_site(y) - log p_federation(y)), from its
     # own and the federation's summed label counts (0: off; auto: AUTO_LOGIT_ADJUSTMENT where
@@ -216,7 +222,8 @@ _RULES = {
     "validation_fraction": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no validation split)"),
     "keep": ((str,), lambda v: v in KEEPS, f"one of {', '.join(KEEPS)}"),
     "patience": ((int,), lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
-    "model_ema": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)"),
+    "model_ema": ((str, int, float), lambda v: v == AUTO or (_number(v) and 0 <= v < 1),
+                  "auto, or a number in [0, 1) (0: no averaging)"),
     "logit_adjustment": ((str, int, float), lambda v: v == AUTO or (_number(v) and 0 <= v <= 1),
                          "auto, or a number in [0, 1] (0: off; 1: the full correction)"),
     "learning_rate_schedule": ((str,), lambda v: v in LEARNING_RATE_SCHEDULES,
@@ -398,6 +405,33 @@ def resolve_logit_adjustment(config, train_function_accepts_offset):
     strength = 0 if reason else AUTO_LOGIT_ADJUSTMENT
     reason = reason or "no setting excludes it (against label skew; about no change on IID data)"
     return replace(config, logit_adjustment=strength), {"strength": strength, "requested": AUTO, "reason": reason}
+
+
+def resolve_model_ema(config):
+    """(config with a numeric `model_ema`, how it was chosen): `auto` becomes the decay of
+    AUTO_MODEL_EMA for rounds of `epochs` (0 for rounds longer than half an epoch), or 0 with
+    quant_type: qat or dp, where averaging was not measured; a number set in config.yml is kept.
+    Every site resolves identically: the inputs are the shared config."""
+    requested = config.model_ema
+    if requested != AUTO:
+        return config, {"decay": requested, "requested": requested, "reason": "set in config.yml"}
+    exclusions = (
+        (config.quant_type == "qat", "quant_type: qat (not measured; the average restarts when fake "
+                                     "quantization starts)"),
+        (config.dp is not None, "dp is set (not measured with DP-SGD)"),
+    )
+    reason = next((why for excluded, why in exclusions if excluded), None)
+    longest, decay = next(((longest, decay) for longest, decay in AUTO_MODEL_EMA if config.epochs <= longest),
+                          (None, 0.0))
+    if reason:
+        decay = 0.0
+    elif decay:
+        reason = (f"rounds of {config.epochs:g} epochs: the decay measured best for rounds of "
+                  f"{longest:g} epochs (the average spans about one epoch)")
+    else:
+        reason = (f"rounds of {config.epochs:g} epochs: averaging the rounds' models was behind or mixed "
+                  "for rounds longer than half an epoch")
+    return replace(config, model_ema=decay), {"decay": decay, "requested": AUTO, "reason": reason}
 
 
 def _default_min_cosine(section):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import quant
-from inputs.config import CONFIG_FILE, load_config, resolve_aggregation, resolve_logit_adjustment
+from inputs.config import CONFIG_FILE, load_config, resolve_aggregation, resolve_logit_adjustment, resolve_model_ema
 from inputs.datasets import describe_dataset, load_dataset
 from inputs.errors import InputError
 from inputs.model_file import check_model_on_data, load_model
@@ -39,6 +39,8 @@ class SiteInputs:
     aggregation_choice: dict = None
     # How config.logit_adjustment was chosen: {strength, requested (auto or the number), reason}.
     logit_adjustment_choice: dict = None
+    # How config.model_ema was chosen: {decay, requested (auto or the number), reason}.
+    model_ema_choice: dict = None
     n_outputs: int = None     # the model's class scores per sample (the same at every site)
     float_layers: tuple = ()  # the layers the int8 model keeps in float (float_output_layer)
 
@@ -70,6 +72,7 @@ def load_site_inputs(input_dir) -> SiteInputs:
     # aggregation: auto is resolved here, once, before anything reads config.aggregation.
     config, aggregation_choice = resolve_aggregation(config, accepts_keyword(train_function, "control"))
     config, logit_adjustment_choice = resolve_logit_adjustment(config, accepts_keyword(train_function, "logit_offset"))
+    config, model_ema_choice = resolve_model_ema(config)
     if config.train_function:
         check_train_function_supports(train_function, _keywords_needed(config), input_dir / config.train_function)
     seed_everything(config.seed)
@@ -98,6 +101,7 @@ def load_site_inputs(input_dir) -> SiteInputs:
     return SiteInputs(input_dir, config, model, train_loader, test_loader, train_info, test_info,
                       train_function, resolve_device(config.device, input_dir / CONFIG_FILE), *validation,
                       aggregation_choice=aggregation_choice, logit_adjustment_choice=logit_adjustment_choice,
+                      model_ema_choice=model_ema_choice,
                       n_outputs=n_outputs, float_layers=float_layers)
 
 

@@ -102,6 +102,17 @@ def _logit_adjustment_text(choice):
     return shown
 
 
+def _model_ema_text(choice):
+    """The moving average's decay (0: off), and with model_ema: auto why."""
+    if not choice:
+        return MISSING
+    decay = choice.get("decay", MISSING)
+    shown = "off" if decay == 0 else f"decay {decay}"
+    if choice.get("requested") == "auto":
+        return f"{shown} (chosen by model_ema: auto: {choice.get('reason', MISSING)})"
+    return shown
+
+
 def _summary_section(metrics):
     site = metrics.get("site") or {}
     federation = metrics.get("federation") or {}
@@ -120,6 +131,7 @@ def _summary_section(metrics):
         ("Rounds", _count(len(metrics.get("rounds") or []))),
         ("Aggregation", _aggregation_text(metrics.get("aggregation"))),
         ("Logit adjustment", _logit_adjustment_text(metrics.get("logit_adjustment"))),
+        ("Averaging the rounds' models", _model_ema_text(metrics.get("model_ema"))),
         ("Model written", _selection_text(metrics.get("selection"))),
     ]
     body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"

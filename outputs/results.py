@@ -27,13 +27,14 @@ def write_results(output_dir, config_file, float_model, metrics, predictions):
 
 
 def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, results, federation, privacy=None,
-                  selection=None, aggregation=None, float_layers=(), logit_adjustment=None):
+                  selection=None, aggregation=None, float_layers=(), logit_adjustment=None, model_ema=None):
     """metrics.json: this site's figures per round and fp32 vs int8, the federation's, the config
     (its aggregation the resolved rule; `aggregation`: {rule, requested, reason}, how it was
     chosen, inputs.config.resolve_aggregation) (and with `privacy`: which messages were secure-aggregated and what they cost, DP's budget;
     `selection`: which round's model was written and why, federation.selection.selection_report;
     `float_layers`: the layers the int8 model keeps in float; `logit_adjustment`: {strength,
-    requested, reason}, inputs.config.resolve_logit_adjustment)."""
+    requested, reason}, inputs.config.resolve_logit_adjustment; `model_ema`: {decay, requested,
+    reason}, inputs.config.resolve_model_ema)."""
     metrics = {
         "site": site_info,
         "backend": config.backend,
@@ -54,6 +55,7 @@ def build_metrics(site_info, config, quantization_mode, rounds, bytes_sent, resu
         "config": config.to_dict(),
         "aggregation": aggregation,
         "logit_adjustment": logit_adjustment,
+        "model_ema": model_ema,
         "selection": selection,
     }
     if privacy is not None:

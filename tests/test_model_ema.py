@@ -6,11 +6,14 @@ import torch
 import quant
 import testbed
 from bench.simulate import load_sites, quantize_sites, run_rounds
-from inputs.config import parse_config
+from inputs.config import parse_config, resolve_model_ema
 from inputs.errors import InputError
 from tests.e2e_helpers import read_metrics
 from tests.privacy_helpers import make_tiny_federation
 from training import evaluate
+
+
+BASE = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
 
 
 def globals_received(site):
@@ -121,24 +124,45 @@ def test_the_average_restarts_when_qat_starts(tmp_path):
 
 @pytest.mark.timeout(150)
 def test_the_app_writes_the_average_the_same_at_every_site(tmp_path):
-    """Through the testbed (processes, HTTP, the engine): metrics.json says what was written."""
-    clients, generic = make_tiny_federation(tmp_path, max_iter=3, model_ema=0.5)
+    """Through the testbed (processes, HTTP, the engine): metrics.json and the report say what
+    was written; model_ema: auto (the default) with half-epoch rounds is 0.5."""
+    clients, generic = make_tiny_federation(tmp_path, max_iter=3, epochs=0.5)
     result = testbed.run_federation(clients, generic, tmp_path / "out", quiet=True, timeout=140)
     assert result.ok, result.message
     metrics = [read_metrics(site) for site in result.site_outputs]
     selection = metrics[0]["selection"]
     kept = selection["kept_round"]
     assert selection["model_ema"] == 0.5 and "moving average (model_ema 0.5)" in selection["reason"]
+    choice = metrics[0]["model_ema"]
+    assert choice["decay"] == 0.5 and choice["requested"] == "auto" and "rounds of 0.5 epochs" in choice["reason"]
+    report = (result.site_outputs[0] / "report.html").read_text()
+    assert "decay 0.5 (chosen by model_ema: auto: rounds of 0.5 epochs" in report
     for site_metrics in metrics:
         assert site_metrics["fp32"]["accuracy"] == pytest.approx(site_metrics["rounds"][kept - 1]["test_accuracy"])
     digests = {artifact["digest"] for site_metrics in metrics for artifact in site_metrics["artifacts"]}
     assert len(digests) == len(metrics[0]["artifacts"])
 
 
-@pytest.mark.parametrize("value", [1, 1.0, -0.1, True, "0.5"])
+@pytest.mark.parametrize("value", [1, 1.0, -0.1, True, "0.5", "Auto"])
 def test_bad_values_are_refused_naming_config_and_key(value):
-    base = {"model": "m.py", "train_dataset": "a.pth", "test_dataset": "b.pth"}
-    with pytest.raises(InputError, match=r"must be a number in \[0, 1\)") as error:
-        parse_config({**base, "model_ema": value}, "config.yml")
+    with pytest.raises(InputError, match=r"must be auto, or a number in \[0, 1\)") as error:
+        parse_config({**BASE, "model_ema": value}, "config.yml")
     assert error.value.key == "model_ema" and "config.yml" in str(error.value)
-    assert parse_config(base).model_ema == 0
+
+
+@pytest.mark.parametrize("epochs, decay", [(2, 0), (1, 0), (0.75, 0), (0.5, 0.5), (0.4, 0.5), (0.25, 0.7),
+                                           (0.2, 0.7), (0.125, 0.85), (0.1, 0.85), (0.0625, 0.925), (0.01, 0.925)])
+def test_auto_is_the_default_and_takes_the_decay_measured_for_the_round_length(epochs, decay):
+    config = parse_config({**BASE, "epochs": epochs})
+    assert config.model_ema == "auto"
+    resolved, choice = resolve_model_ema(config)
+    assert resolved.model_ema == decay == choice["decay"] and choice["requested"] == "auto"
+    assert f"rounds of {epochs:g} epochs" in choice["reason"]
+
+
+@pytest.mark.parametrize("setting, why", [({"quant_type": "qat"}, "quant_type: qat"), ({"dp": {"epsilon": 3}}, "dp is set")])
+def test_auto_is_off_where_averaging_was_not_measured_and_a_number_is_kept(setting, why):
+    resolved, choice = resolve_model_ema(parse_config({**BASE, "epochs": 0.25, **setting}))
+    assert resolved.model_ema == 0 and why in choice["reason"]
+    resolved, choice = resolve_model_ema(parse_config({**BASE, "epochs": 0.25, "model_ema": 0.3, **setting}))
+    assert resolved.model_ema == 0.3 and choice == {"decay": 0.3, "requested": 0.3, "reason": "set in config.yml"}
