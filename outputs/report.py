@@ -82,35 +82,21 @@ def write_report(output_dir, metrics: dict, y_true, y_pred_int8, config_text: st
 
 # ---- sections ---------------------------------------------------------------------------
 
-def _aggregation_text(choice):
-    """The rule the run used, and with aggregation: auto why it was that one."""
+def _auto_choice_text(choice, key, value_key, show):
+    """A setting that may be `auto` (metrics.json's {<value_key>, requested, reason}, one per
+    resolve_* in inputs.config): its value as `show` words it, and with `<key>: auto` why it
+    became that."""
     if not choice:
         return MISSING
+    shown = show(choice.get(value_key, MISSING))
     if choice.get("requested") == "auto":
-        return f"{choice.get('rule', MISSING)} (chosen by aggregation: auto: {choice.get('reason', MISSING)})"
-    return str(choice.get("rule", MISSING))
-
-
-def _logit_adjustment_text(choice):
-    """The strength the run trained with (0: off), and with logit_adjustment: auto why."""
-    if not choice:
-        return MISSING
-    strength = choice.get("strength", MISSING)
-    shown = "off" if strength == 0 else f"strength {strength}"
-    if choice.get("requested") == "auto":
-        return f"{shown} (chosen by logit_adjustment: auto: {choice.get('reason', MISSING)})"
+        return f"{shown} (chosen by {key}: auto: {choice.get('reason', MISSING)})"
     return shown
 
 
-def _model_ema_text(choice):
-    """The moving average's decay (0: off), and with model_ema: auto why."""
-    if not choice:
-        return MISSING
-    decay = choice.get("decay", MISSING)
-    shown = "off" if decay == 0 else f"decay {decay}"
-    if choice.get("requested") == "auto":
-        return f"{shown} (chosen by model_ema: auto: {choice.get('reason', MISSING)})"
-    return shown
+def _off_or(label):
+    """Words for a number where 0 means off: "off", or "<label> <value>"."""
+    return lambda value: "off" if value == 0 else f"{label} {value}"
 
 
 def _summary_section(metrics):
@@ -129,9 +115,11 @@ def _summary_section(metrics):
                        f"{_count(federation.get('n_train'))} train, "
                        f"{_count(federation.get('n_test'))} test samples"),
         ("Rounds", _count(len(metrics.get("rounds") or []))),
-        ("Aggregation", _aggregation_text(metrics.get("aggregation"))),
-        ("Logit adjustment", _logit_adjustment_text(metrics.get("logit_adjustment"))),
-        ("Averaging the rounds' models", _model_ema_text(metrics.get("model_ema"))),
+        ("Aggregation", _auto_choice_text(metrics.get("aggregation"), "aggregation", "rule", str)),
+        ("Logit adjustment", _auto_choice_text(metrics.get("logit_adjustment"), "logit_adjustment", "strength",
+                                               _off_or("strength"))),
+        ("Averaging the rounds' models", _auto_choice_text(metrics.get("model_ema"), "model_ema", "decay",
+                                                           _off_or("decay"))),
         ("Model written", _selection_text(metrics.get("selection"))),
     ]
     body = "".join(f"<tr><th class='row-label'>{_text(name)}</th><td>{_text(value)}</td></tr>"

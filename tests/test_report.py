@@ -263,3 +263,15 @@ def test_summary_says_how_strong_the_logit_adjustment_was_and_why(tmp_path, metr
     metrics["logit_adjustment"] = {"strength": 0, "requested": 0, "reason": "set in config.yml"}
     summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
     assert summary["Logit adjustment"] == ["off"]
+
+
+def test_summary_says_which_rule_and_average_were_used_and_why(tmp_path, metrics):
+    metrics["aggregation"] = {"rule": "scaffold", "requested": "auto", "reason": "no setting excludes scaffold"}
+    metrics["model_ema"] = {"decay": 0.7, "requested": "auto", "reason": "rounds of 0.25 epochs"}
+    summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
+    assert summary["Aggregation"] == ["scaffold (chosen by aggregation: auto: no setting excludes scaffold)"]
+    assert summary["Averaging the rounds' models"] == ["decay 0.7 (chosen by model_ema: auto: rounds of 0.25 epochs)"]
+    metrics["aggregation"] = {"rule": "fedavg", "requested": "fedavg", "reason": "set in config.yml"}
+    metrics["model_ema"] = {"decay": 0, "requested": 0, "reason": "set in config.yml"}
+    summary = rows_by_label(read_html(write_report(tmp_path, metrics, Y_TRUE, Y_PRED, CONFIG_TEXT)).tables["summary"])
+    assert summary["Aggregation"] == ["fedavg"] and summary["Averaging the rounds' models"] == ["off"]
